@@ -1,0 +1,39 @@
+# Set-up and the two entry points of the README: `make demo` and `make test`.
+# Both create .venv when it is missing.
+#
+#   TORCH=torch==2.13.0   (default) a pinned CPU-capable wheel; an unpinned torch would pull a CUDA build
+#   TORCH=system          keep the torch (and the triton it chose) of the Python that runs make:
+#                         the venv is created with --system-site-packages and torch is not installed
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TRITON ?= triton==3.8.0
+PY := $(VENV)/bin/python
+DEPS := numpy scipy pycocotools pillow matplotlib pytest pytest-benchmark ninja "setuptools>=77" wheel
+
+ifeq ($(TORCH),system)
+VENV_FLAGS := --system-site-packages
+TORCH_PKGS :=
+else
+VENV_FLAGS :=
+TORCH_PKGS := $(TORCH) $(TRITON)
+endif
+
+.PHONY: venv test demo aot ext clean
+venv: $(VENV)/.ready
+
+$(VENV)/.ready: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PKGS) $(DEPS)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) -m fai_mf.cli demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
