@@ -113,6 +113,12 @@ class FAIMFModel:
         torch.save({"model": state}, directory / WEIGHTS)
         return directory
 
+    def predict(self, images: Any, **kwargs: Any) -> list:
+        """Detections per image (`list[FocoosDetections]`); see `fai_mf.predict.predict`."""
+        from .predict import predict
+
+        return predict(self, images, **kwargs)
+
     def __repr__(self) -> str:
         return f"FAIMFModel(name={self.name!r}, classes={self.config.num_classes}, device={self.device})"
 
