@@ -1,21 +1,24 @@
 """Fused kernels for FAI-MF and their PyTorch references.
 
-Importing this package never touches CUDA and never compiles anything.
+Ops are called by name (`mf_kernels.masked_cross_attention(...)`, `mf_kernels.fpn_upsample_add(...)`);
+each runs the backend chosen by `mf_kernels.dispatch` (a model's `kernels`, `mf_kernels.use(backend)`,
+$MF_KERNELS, else "auto"). `python -m mf_kernels.info` shows which backends can run here and why not;
+`python -m mf_kernels.aot` compiles every Triton kernel ahead of time; `python -m mf_kernels.roofline`
+prints bytes, FLOPs and T4 floors.
+
+Importing this package never touches CUDA and never compiles anything (triton is imported lazily).
 """
 from __future__ import annotations
 
-from .fpn import fpn_upsample_add_ref
-from .masked_attention import masked_cross_attention_ref
+from . import dispatch
+from .dispatch import (BACKENDS, CHOICES, OPS, NotSupportedError, attach, attached, clear_caches, current_choice,
+                       use)
+from .fpn import (fold_batchnorm, fpn_lateral_upsample_add, fpn_lateral_upsample_add_ref, fpn_upsample_add,
+                  fpn_upsample_add_ref)
+from .masked_attention import masked_cross_attention, masked_cross_attention_ref
 
-
-def masked_cross_attention(q, k, v, mask_logits, num_heads: int):
-    """Masked cross-attention, see `mf_kernels.masked_attention`."""
-    return masked_cross_attention_ref(q, k, v, mask_logits, num_heads)
-
-
-def fpn_upsample_add(lateral, coarse):
-    """`lateral + nearest_upsample(coarse)`, see `mf_kernels.fpn`."""
-    return fpn_upsample_add_ref(lateral, coarse)
-
-
-__all__ = ["masked_cross_attention", "masked_cross_attention_ref", "fpn_upsample_add", "fpn_upsample_add_ref"]
+__all__ = [
+    "BACKENDS", "CHOICES", "OPS", "NotSupportedError", "attach", "attached", "clear_caches", "current_choice",
+    "dispatch", "fold_batchnorm", "fpn_lateral_upsample_add", "fpn_lateral_upsample_add_ref", "fpn_upsample_add",
+    "fpn_upsample_add_ref", "masked_cross_attention", "masked_cross_attention_ref", "use",
+]

@@ -1,22 +1,402 @@
-"""FPN top-down step: `lateral + nearest_upsample(coarse, size=lateral.shape[-2:])`."""
+"""FPN top-down step of the pixel decoder (SPEC §4.2): references, BN folding, roofline, registration.
+
+Two ops:
+  fpn_upsample_add(lateral [B, C, H, W], coarse [B, C, h, w]) -> [B, C, H, W]
+      lateral + nearest_upsample(coarse, size=(H, W)), in one pass.
+  fpn_lateral_upsample_add(x [B, Cin, H, W], weight [Cout, Cin], bias [Cout], coarse [B, Cout, h, w])
+      -> [B, Cout, H, W] = conv1x1(x, weight) + bias + nearest_upsample(coarse): the pixel decoder's
+      `adapter_k(x) + upsample(y)` with the adapter's BatchNorm folded into (weight, bias) (eval only,
+      see `fold_batchnorm`); one GEMM (M = B·H·W pixels, N = Cout, K = Cin) whose epilogue does the add.
+
+Nearest index rule, as PyTorch's `F.interpolate(mode="nearest", size=...)`: scale = (float)in / out,
+src = min(floor(dst * scale), in - 1), the product rounded to fp32 (H need not be a multiple of h: the
+backbones ceil-divide, so a 25x37 lateral meets a 13x19 coarse map).
+
+Implementations (`mf_kernels.dispatch` picks one):
+  reference  the functions `*_ref` below (the single source of truth; the model's reference path keeps
+             conv + BN + interpolate + add, see `fai_mf.modeling.pixel_decoder.ConvNorm`)
+  triton     `mf_kernels.fpn_triton`: a strided upsample-add kernel and the GEMM with the add in its
+             epilogue; on sm_75 its `tl.dot` has no tensor cores, so there the lateral op runs cuDNN's
+             conv followed by the fused upsample-add kernel instead (see `T4_DECISION`)
+  cpp        csrc/fpn.cpp (OpenMP) through `mf_kernels._C`; the lateral op is oneDNN's folded conv with
+             the C++ upsample-add done in place on its output
+  cuda       csrc/fpn.cu: an upsample-add kernel and a WMMA (tensor core, fp16) GEMM with the add in its
+             epilogue, bound through `mf_kernels._C`
+"""
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import dispatch
 
-def check_inputs(lateral: torch.Tensor, coarse: torch.Tensor) -> None:
+# ----------------------------------------------------------------------------------------------------
+# Checks and small helpers shared by every implementation
+
+MAX_ELEMENTS = 2**31 - 1  # fused kernels index with int32
+
+
+def check_inputs(lateral: torch.Tensor, coarse: torch.Tensor, op: str = "fpn_upsample_add") -> None:
+    """Raise a ValueError that names the problem for inputs no implementation can take."""
     if lateral.dim() != 4 or coarse.dim() != 4:
-        raise ValueError(f"fpn_upsample_add: lateral and coarse must be 4-D [B, C, H, W], got "
+        raise ValueError(f"{op}: lateral and coarse must be 4-D [B, C, H, W], got "
                          f"{tuple(lateral.shape)} and {tuple(coarse.shape)}")
     if lateral.shape[:2] != coarse.shape[:2]:
-        raise ValueError(f"fpn_upsample_add: batch and channel counts differ: lateral {tuple(lateral.shape)}, "
+        raise ValueError(f"{op}: batch and channel counts differ: lateral {tuple(lateral.shape)}, "
                          f"coarse {tuple(coarse.shape)}")
-    if lateral.dtype != coarse.dtype:
-        raise ValueError(f"fpn_upsample_add: dtypes differ: {lateral.dtype} vs {coarse.dtype}")
+    if lateral.dtype != coarse.dtype or not lateral.is_floating_point():
+        raise ValueError(f"{op}: lateral and coarse must share one floating dtype, got {lateral.dtype} and {coarse.dtype}")
+    if lateral.device != coarse.device:
+        raise ValueError(f"{op}: lateral on {lateral.device}, coarse on {coarse.device}")
+    if coarse.shape[2] == 0 or coarse.shape[3] == 0:
+        raise ValueError(f"{op}: coarse map {tuple(coarse.shape)} has no pixels to upsample")
 
 
-def fpn_upsample_add_ref(lateral: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-    """lateral [B, C, H, W] + coarse [B, C, h, w] upsampled with PyTorch's "nearest" rule."""
+def check_lateral_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, coarse: torch.Tensor) -> None:
+    """Checks of `fpn_lateral_upsample_add`: x [B, Cin, H, W], weight [Cout, Cin], bias [Cout], coarse [B, Cout, h, w]."""
+    op = "fpn_lateral_upsample_add"
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D [B, Cin, H, W], got {tuple(x.shape)}")
+    if weight.dim() == 4 and weight.shape[2:] == (1, 1):
+        raise ValueError(f"{op}: pass the 1x1 weight as [Cout, Cin] (weight[:, :, 0, 0]), got {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.shape[1] == 0:
+        raise ValueError(f"{op}: weight must be [Cout, Cin={x.shape[1]}] with Cin > 0, got {tuple(weight.shape)}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be [Cout={weight.shape[0]}], got {tuple(bias.shape)}")
+    if coarse.dim() != 4 or coarse.shape[:2] != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"{op}: coarse must be [B={x.shape[0]}, Cout={weight.shape[0]}, h, w], got {tuple(coarse.shape)}")
+    if coarse.dtype != x.dtype or not x.is_floating_point():
+        raise ValueError(f"{op}: x and coarse must share one floating dtype, got {x.dtype} and {coarse.dtype}")
+    if not (weight.is_floating_point() and bias.is_floating_point()):
+        raise ValueError(f"{op}: weight and bias must be floating point, got {weight.dtype} and {bias.dtype}")
+    devices = {t.device for t in (x, weight, bias, coarse)}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: inputs on several devices: {sorted(map(str, devices))}")
+    if coarse.shape[2] == 0 or coarse.shape[3] == 0:
+        raise ValueError(f"{op}: coarse map {tuple(coarse.shape)} has no pixels to upsample")
+
+
+def nearest_scale(in_size: int, out_size: int) -> float:
+    """PyTorch's nearest scale `(float)in / out` as a Python float holding the exact fp32 value.
+
+    Rounding the double quotient to fp32 equals the fp32 division (53 >= 2·24 + 2 bits), so kernels that
+    take this as an fp32 argument compute `floor(dst * scale)` exactly as PyTorch does.
+    """
+    return float(np.float32(in_size / out_size))
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def output_like(t: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """An uninitialised [B, channels or C, H, W] tensor in t's memory format (NCHW or channels_last)."""
+    batch, c, height, width = t.shape
+    fmt = torch.channels_last if is_channels_last(t) else torch.contiguous_format
+    return torch.empty((batch, c if channels is None else channels, height, width), dtype=t.dtype, device=t.device,
+                       memory_format=fmt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# References
+
+
+def fpn_upsample_add_ref(lateral: torch.Tensor, coarse: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+    """lateral [B, C, H, W] + coarse [B, C, h, w] upsampled with PyTorch's "nearest" rule.
+
+    `upcast` adds in fp64 and rounds once to the input dtype (the parity oracle).
+    """
     check_inputs(lateral, coarse)
+    if upcast:
+        return fpn_upsample_add_ref(lateral.double(), coarse.double()).to(lateral.dtype)
     return lateral + F.interpolate(coarse, size=lateral.shape[-2:], mode="nearest")
+
+
+def fpn_lateral_upsample_add_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, coarse: torch.Tensor,
+                                 upcast: bool = False) -> torch.Tensor:
+    """conv1x1(x [B, Cin, H, W], weight [Cout, Cin]) + bias [Cout] + nearest_upsample(coarse [B, Cout, h, w]).
+
+    Computes in x's dtype (weight and bias cast to it), like the unfused model; `upcast` computes in fp64
+    and rounds once to x's dtype (the parity oracle).
+    """
+    check_lateral_inputs(x, weight, bias, coarse)
+    dtype = torch.float64 if upcast else x.dtype
+    lateral = F.conv2d(x.to(dtype), weight.to(dtype)[:, :, None, None], bias.to(dtype))
+    return fpn_upsample_add_ref(lateral, coarse.to(dtype)).to(x.dtype)
+
+
+def fold_batchnorm(conv_weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                   running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode BatchNorm into the 1x1 conv before it: (weight [Cout, Cin], bias [Cout]), fp32.
+
+    weight' = W · γ / sqrt(var + eps), bias' = β − mean · γ / sqrt(var + eps), computed in fp64.
+    Valid only for BatchNorm in eval mode (running statistics); training normalises by batch statistics.
+    """
+    if conv_weight.dim() == 4:
+        if conv_weight.shape[2:] != (1, 1):
+            raise ValueError(f"fold_batchnorm: only 1x1 convs fold into a GEMM, got weight {tuple(conv_weight.shape)}")
+        conv_weight = conv_weight[:, :, 0, 0]
+    with torch.no_grad():
+        scale = bn_weight.double() * torch.rsqrt(running_var.double() + eps)
+        weight = conv_weight.double() * scale[:, None]
+        bias = bn_bias.double() - running_mean.double() * scale
+    return weight.float(), bias.float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Roofline: bytes and FLOPs per call, floors on a T4 (SPEC §5), and the T4 decision for the lateral op
+
+T4_BANDWIDTH = 320e9  # bytes/s
+T4_TENSOR_FLOPS = 65e12  # fp16 tensor cores (WMMA / mma.sync; not reachable from Triton on sm_75)
+T4_FMA_FLOPS = 8.1e12  # fp32 FMA units (where Triton's tl.dot runs on sm_75)
+
+
+@dataclass(frozen=True)
+class FpnCost:
+    """One call's traffic and work: bytes read + written once each (ideal caching), multiply-adds × 2."""
+
+    bytes: int
+    flops: int
+
+    def floor_s(self, flops_per_s: float, bandwidth: float = T4_BANDWIDTH) -> float:
+        return max(self.bytes / bandwidth, self.flops / flops_per_s) if self.flops else self.bytes / bandwidth
+
+
+def upsample_add_cost(batch: int, channels: int, height: int, width: int, h: int, w: int, itemsize: int) -> FpnCost:
+    """lateral read + coarse read (each coarse pixel once) + out written; one add per output element."""
+    out = batch * channels * height * width
+    return FpnCost(bytes=(2 * out + batch * channels * h * w) * itemsize, flops=out)
+
+
+def lateral_costs(batch: int, cin: int, cout: int, height: int, width: int, h: int, w: int,
+                  itemsize: int) -> dict[str, FpnCost]:
+    """Cost of the three ways to compute `conv1x1 + BN + upsample + add` (BN folded in all three):
+
+    fused     one GEMM, upsample-add in its epilogue: x + weight + coarse read, out written
+    conv+add  conv (x, weight read, lateral written) then the fused upsample-add (lateral, coarse read, out
+              written): 2·M·Cout more bytes than fused
+    """
+    pixels = batch * height * width
+    gemm_flops = 2 * pixels * cin * cout
+    x_bytes = pixels * cin * itemsize
+    w_bytes = cout * cin * itemsize + cout * 4
+    coarse_bytes = batch * cout * h * w * itemsize
+    out_bytes = pixels * cout * itemsize
+    return {
+        "fused": FpnCost(x_bytes + w_bytes + coarse_bytes + out_bytes, gemm_flops + 2 * pixels * cout),
+        "conv+add": FpnCost(x_bytes + w_bytes + 3 * out_bytes + coarse_bytes, gemm_flops + 2 * pixels * cout),
+    }
+
+
+def t4_lateral_floors(shapes, itemsize: int = 2) -> dict[str, float]:
+    """Summed T4 floors (s) over `shapes` (FpnShape) for the candidate paths of the lateral op in fp16:
+
+    triton-fma    the Triton fused GEMM on sm_75 (tl.dot on FMA units, 8.1 TFLOP/s)
+    cudnn+add     cuDNN conv on tensor cores + the fused upsample-add kernel
+    wmma-fused    the CUDA WMMA fused GEMM (tensor cores) with the add in its epilogue
+    """
+    totals = {"triton-fma": 0.0, "cudnn+add": 0.0, "wmma-fused": 0.0}
+    for s in shapes:
+        costs = lateral_costs(s.batch, s.cin, s.cout, s.height, s.width, s.coarse_height, s.coarse_width, itemsize)
+        totals["triton-fma"] += costs["fused"].floor_s(T4_FMA_FLOPS)
+        totals["cudnn+add"] += costs["conv+add"].floor_s(T4_TENSOR_FLOPS)
+        totals["wmma-fused"] += costs["fused"].floor_s(T4_TENSOR_FLOPS)
+    return totals
+
+
+@functools.lru_cache(maxsize=None)
+def t4_decision() -> str:
+    """The sentence `python -m mf_kernels.info` shows for the lateral op on sm_75, with its numbers."""
+    from .shapes import FPN_SHAPES
+
+    s_model = [s for s in FPN_SHAPES if s.model == "fai-mf-s-coco-ins"]
+    floors = t4_lateral_floors(s_model)
+    us = {k: f"{v * 1e6:.0f} us" for k, v in floors.items()}
+    return (f"T4 (sm_75), fp16, fai-mf-s-coco-ins 640² (3 levels): floors Triton FMA GEMM {us['triton-fma']}, "
+            f"cuDNN conv + fused add {us['cudnn+add']}, WMMA fused {us['wmma-fused']}: auto takes the cuda "
+            f"backend's WMMA fusion (fp16) when the extension has CUDA, else triton runs cuDNN conv + its "
+            f"upsample-add kernel; Triton's own GEMM (no tensor cores on sm_75) only on sm_80+")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd: the fused upsample-add is used in training too (the pixel decoder's reference path), so its
+# fused backends carry the exact backward: d lateral = g, d coarse = the nearest-upsample backward of g
+# (sum over the output pixels that read each coarse pixel), PyTorch's own kernel.
+
+
+class _FusedUpsampleAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernel, lateral: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        ctx.output_size = list(lateral.shape[-2:])
+        ctx.coarse_size = list(coarse.shape)
+        return kernel(lateral, coarse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_coarse = None
+        if ctx.needs_input_grad[2]:
+            grad_coarse = torch.ops.aten.upsample_nearest2d_backward(grad, ctx.output_size, ctx.coarse_size)
+        return None, grad if ctx.needs_input_grad[1] else None, grad_coarse
+
+
+def _differentiable(kernel):
+    """`kernel(lateral, coarse)` with the backward above when a gradient is needed."""
+
+    def run(lateral: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (lateral.requires_grad or coarse.requires_grad):
+            return _FusedUpsampleAdd.apply(kernel, lateral, coarse)
+        return kernel(lateral, coarse)
+
+    run.__name__ = run.__qualname__ = kernel.__name__
+    run.__doc__ = kernel.__doc__
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backend entry points (lazy: triton and the extension are imported on first call)
+
+
+def _triton_upsample_add(lateral: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    from .fpn_triton import fpn_upsample_add_triton
+
+    return fpn_upsample_add_triton(lateral, coarse)
+
+
+def _triton_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                 coarse: torch.Tensor) -> torch.Tensor:
+    from .fpn_triton import fpn_lateral_upsample_add_triton
+
+    return fpn_lateral_upsample_add_triton(x, weight, bias, coarse)
+
+
+def _extension():
+    from . import _cpp_lib  # type: ignore[attr-defined]
+
+    return _cpp_lib.load()
+
+
+def _cpp_upsample_add(lateral: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    check_inputs(lateral, coarse)
+    return _extension().fpn_upsample_add(lateral, coarse, None)
+
+
+def _cpp_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              coarse: torch.Tensor) -> torch.Tensor:
+    """oneDNN's conv with the folded weight, then the C++ upsample-add in place on its output: two passes
+    over the lateral map instead of the reference's four (conv, BN, interpolate, add)."""
+    check_lateral_inputs(x, weight, bias, coarse)
+    lateral = F.conv2d(x, weight.to(x.dtype)[:, :, None, None], bias.to(x.dtype))
+    return _extension().fpn_upsample_add(lateral, coarse, lateral)
+
+
+def _cuda_upsample_add(lateral: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    check_inputs(lateral, coarse)
+    return _extension().fpn_upsample_add_cuda(lateral, coarse, None)
+
+
+def _cuda_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               coarse: torch.Tensor) -> torch.Tensor:
+    """fp16: the WMMA GEMM with the upsample-add in its epilogue. fp32 (no fp32 tensor cores on sm_75):
+    cuDNN's conv, then the CUDA upsample-add in place on its output."""
+    check_lateral_inputs(x, weight, bias, coarse)
+    ext = _extension()
+    if x.dtype == torch.float16:
+        return ext.fpn_lateral_upsample_add_cuda(x, weight.to(torch.float16).contiguous(),
+                                                 bias.to(torch.float32).contiguous(), coarse)
+    lateral = F.conv2d(x, weight.to(x.dtype)[:, :, None, None], bias.to(x.dtype))
+    return ext.fpn_upsample_add_cuda(lateral, coarse, lateral)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registration
+
+
+def _upsample_inputs_of(lateral: torch.Tensor, coarse: torch.Tensor, **_: object) -> dispatch.Inputs:
+    check_inputs(lateral, coarse)
+    return dispatch.make_inputs(lateral.device, lateral.dtype, numel=max(lateral.numel(), coarse.numel()))
+
+
+def _lateral_inputs_of(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, coarse: torch.Tensor,
+                       **_: object) -> dispatch.Inputs:
+    check_lateral_inputs(x, weight, bias, coarse)
+    numel = max(x.numel(), coarse.numel(), x.shape[0] * weight.shape[0] * x.shape[2] * x.shape[3])
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias, coarse))
+    return dispatch.make_inputs(x.device, x.dtype, numel=numel, grad=grad)
+
+
+def _size_check(inputs: dispatch.Inputs) -> list[str]:
+    return [f"{inputs.numel} elements exceed the int32 indexing of the kernels"] if inputs.numel > MAX_ELEMENTS else []
+
+
+def _lateral_check(inputs: dispatch.Inputs) -> list[str]:
+    reasons = _size_check(inputs)
+    if inputs.grad:
+        reasons.append("a gradient is needed and the fused lateral op is inference-only (the pixel decoder keeps "
+                       "conv + BN + fpn_upsample_add when training)")
+    return reasons
+
+
+def _cuda_extension_environment(device_type: str) -> list[str]:
+    reasons = dispatch.extension_environment(device_type)
+    if not reasons and device_type == "cuda":
+        from . import _cpp_lib  # type: ignore[attr-defined]
+
+        if not _cpp_lib.has_cuda():
+            reasons = ["the extension mf_kernels._C was built without CUDA"]
+    return reasons
+
+
+def _triton_lateral_check(inputs: dispatch.Inputs) -> list[str]:
+    """On sm_75 `auto` leaves fp16 to the cuda backend's WMMA fusion (lower T4 floor, `t4_decision`)
+    when that backend can run; a named `triton` still runs (cuDNN conv + Triton upsample-add)."""
+    reasons = _lateral_check(inputs)
+    if (inputs.device.type == "cuda" and inputs.dtype == torch.float16 and dispatch.current_choice() == "auto"
+            and torch.cuda.get_device_capability(inputs.device) < (8, 0)
+            and not fpn_lateral_upsample_add.reasons("cuda", inputs)):
+        reasons.append("auto on sm_75 prefers the cuda backend's WMMA fusion: " + t4_decision())
+    return reasons
+
+
+TRITON_UPSAMPLE_DESCRIPTION = "one strided Triton pass (NCHW or channels_last), fp32/fp16"
+TRITON_LATERAL_DESCRIPTION = ("Triton GEMM (M = B·H·W, N = Cout, K = Cin) with the nearest upsample-add in its "
+                              "epilogue on sm_80+ (tensor cores); on sm_75 tl.dot has no tensor cores, so it runs "
+                              "cuDNN conv + the Triton upsample-add kernel")
+CPP_DESCRIPTION = "C++/OpenMP strided upsample-add (csrc/fpn.cpp)"
+CPP_LATERAL_DESCRIPTION = "oneDNN conv with the folded weight + C++/OpenMP upsample-add in place on its output"
+CUDA_UPSAMPLE_DESCRIPTION = "CUDA strided upsample-add kernel (csrc/fpn.cu)"
+CUDA_LATERAL_DESCRIPTION = ("fp16: WMMA tensor-core GEMM with the upsample-add epilogue (csrc/fpn.cu); fp32: cuDNN "
+                            "conv + CUDA upsample-add in place")
+
+fpn_upsample_add = dispatch.define_op("fpn_upsample_add", fpn_upsample_add_ref, _upsample_inputs_of)
+fpn_upsample_add.__doc__ = """fpn_upsample_add(lateral [B, C, H, W], coarse [B, C, h, w]) -> [B, C, H, W]:
+lateral + nearest_upsample(coarse), run by the backend `mf_kernels.dispatch` picks; see `mf_kernels.fpn`."""
+fpn_upsample_add.register(
+    "triton", _differentiable(_triton_upsample_add), devices=("cpu", "cuda"), dtypes=(torch.float16, torch.float32),
+    environment=dispatch.triton_environment("mf_kernels.fpn_triton"), check=_size_check,
+    description=TRITON_UPSAMPLE_DESCRIPTION)
+fpn_upsample_add.register(
+    "cpp", _differentiable(_cpp_upsample_add), devices=("cpu",), dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    environment=dispatch.extension_environment, check=_size_check, description=CPP_DESCRIPTION)
+fpn_upsample_add.register(
+    "cuda", _differentiable(_cuda_upsample_add), devices=("cuda",), dtypes=(torch.float16, torch.float32),
+    environment=_cuda_extension_environment, check=_size_check, description=CUDA_UPSAMPLE_DESCRIPTION)
+
+fpn_lateral_upsample_add = dispatch.define_op("fpn_lateral_upsample_add", fpn_lateral_upsample_add_ref,
+                                              _lateral_inputs_of)
+fpn_lateral_upsample_add.__doc__ = """fpn_lateral_upsample_add(x [B, Cin, H, W], weight [Cout, Cin], bias [Cout],
+coarse [B, Cout, h, w]) -> [B, Cout, H, W]: BN-folded 1x1 conv + nearest upsample-add; see `mf_kernels.fpn`."""
+fpn_lateral_upsample_add.register(
+    "triton", _triton_lateral_upsample_add, devices=("cpu", "cuda"), dtypes=(torch.float16, torch.float32),
+    environment=dispatch.triton_environment("mf_kernels.fpn_triton"), check=_triton_lateral_check,
+    description=TRITON_LATERAL_DESCRIPTION)
+fpn_lateral_upsample_add.register(
+    "cpp", _cpp_lateral_upsample_add, devices=("cpu",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    environment=dispatch.extension_environment, check=_lateral_check, description=CPP_LATERAL_DESCRIPTION)
+fpn_lateral_upsample_add.register(
+    "cuda", _cuda_lateral_upsample_add, devices=("cuda",), dtypes=(torch.float16, torch.float32),
+    environment=_cuda_extension_environment, check=_lateral_check, description=CUDA_LATERAL_DESCRIPTION)
+dispatch.register_aot_provider("fpn", "mf_kernels.fpn_triton:aot_specs")

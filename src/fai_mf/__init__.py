@@ -5,6 +5,7 @@ Importing this package never touches CUDA and never compiles anything.
 from __future__ import annotations
 
 from .config import ConfigError, MaskFormerConfig, ResNetConfig, STDCConfig
+from .formats import FocoosDet, FocoosDetections, decode_mask, encode_rle
 from .io import CheckpointError, FAIMFModel, load_model
 from .modeling.model import FAIMaskFormer, MaskFormerModelOutput, RawOutput
 from .zoo import ZOO
@@ -12,6 +13,7 @@ from .zoo import ZOO
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "FAIMFModel", "FAIMaskFormer", "MaskFormerConfig", "MaskFormerModelOutput",
-    "RawOutput", "ResNetConfig", "STDCConfig", "ZOO", "load_model",
+    "CheckpointError", "ConfigError", "FAIMFModel", "FAIMaskFormer", "FocoosDet", "FocoosDetections",
+    "MaskFormerConfig", "MaskFormerModelOutput", "RawOutput", "ResNetConfig", "STDCConfig", "ZOO", "decode_mask",
+    "encode_rle", "load_model",
 ]

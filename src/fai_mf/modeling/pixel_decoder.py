@@ -29,6 +29,42 @@ class ConvNorm(nn.Conv2d):
         x = self.norm(super().forward(x))
         return F.relu(x) if self.relu else x
 
+    def can_fold(self) -> bool:
+        """Whether this module is a 1x1 conv + eval-mode BatchNorm (running statistics), no ReLU."""
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not self.relu
+                and self.bias is None and not self.training and not self.norm.training
+                and self.norm.running_mean is not None)
+
+    def folded_1x1(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [Cout, Cin], bias [Cout]) fp32 of this 1x1 conv with its eval-mode BatchNorm folded in.
+
+        Cached on the module (not in the state_dict) and recomputed when a parameter or running statistic
+        changes (load_state_dict, .to(), in-place updates bump the version or move the storage).
+        """
+        norm = self.norm
+        tensors = (self.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (norm.eps,)
+        cached = self.__dict__.get("_folded_1x1")
+        if cached is None or cached[0] != key:
+            weight, bias = mf_kernels.fold_batchnorm(self.weight, norm.weight, norm.bias, norm.running_mean,
+                                                     norm.running_var, norm.eps)
+            cached = (key, weight, bias)
+            self.__dict__["_folded_1x1"] = cached
+        return cached[1], cached[2]
+
+    def lateral_upsample_add(self, x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """`self(x) + nearest_upsample(coarse, x's size)`: the FPN top-down step with this adapter.
+
+        In eval mode with no gradient needed, one op (`mf_kernels.fpn_lateral_upsample_add`) on the
+        BN-folded weights, so a backend can fuse the conv and the add. Training, autograd, and
+        `kernels="reference"` keep conv + BN + `fpn_upsample_add`, exactly the reference model.
+        """
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if needs_grad or not self.can_fold() or mf_kernels.current_choice() == "reference":
+            return mf_kernels.fpn_upsample_add(self(x), coarse)
+        weight, bias = self.folded_1x1()
+        return mf_kernels.fpn_lateral_upsample_add(x, weight, bias, coarse)
+
 
 class EncoderLayer(nn.Module):
     """Pre-norm transformer encoder layer (self-attention with position added to q and k, ReLU FFN)."""
@@ -109,8 +145,7 @@ class PixelDecoder(nn.Module):
         y = self.layer_4(top)
         multi_scale = [y]
         for k, name in ((3, "res4"), (2, "res3"), (1, "res2")):
-            lateral = getattr(self, f"adapter_{k}")(features[name])
-            y = getattr(self, f"layer_{k}")(mf_kernels.fpn_upsample_add(lateral, y))
+            y = getattr(self, f"layer_{k}")(getattr(self, f"adapter_{k}").lateral_upsample_add(features[name], y))
             if k > 1:
                 multi_scale.append(y)
         return self.mask_features(y), multi_scale

@@ -1,0 +1,174 @@
+// Host encoders of SPEC §3: the COCO compressed RLE string and the PNG of a mask crop.
+//
+// PNG: 8-bit grayscale (0 / 255), no interlace, every row with filter type 2 ("Up": the byte minus the
+// byte above, so a row equal to the previous one is all zeros and compresses to almost nothing). With
+// zlib (the build defines MF_WITH_ZLIB when zlib.h and libz are found) the image data is deflated at
+// level 6 (zlib's default, Pillow's default too); without it, it is written as stored (uncompressed)
+// deflate blocks with our own CRC-32 and Adler-32: a larger file but a valid PNG that every decoder
+// reads. The bytes differ from Pillow's (its filters and settings differ); the decoded pixels are equal.
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+#ifdef MF_WITH_ZLIB
+#include <zlib.h>
+#endif
+
+namespace mf {
+
+// ------------------------------------------------------------------------------------------------
+// COCO compressed RLE (pycocotools' rleToString): each count, minus the count two before it from the
+// fourth on, as little-endian 5-bit groups + 48, with 0x20 set on every group but the last; a value ends
+// when the remaining bits are pure sign extension of the group's top bit (0x10).
+// ------------------------------------------------------------------------------------------------
+std::string rle_string(const at::Tensor& counts) {
+  TORCH_CHECK(counts.device().is_cpu() && counts.dim() == 1, "rle_string: counts must be a 1-D CPU tensor, got ",
+              counts.sizes(), " on ", counts.device());
+  const at::Tensor c = counts.to(at::kLong).contiguous();
+  const int64_t* v = c.data_ptr<int64_t>();
+  const int64_t n = c.size(0);
+  std::string out;
+  out.reserve(n * 2);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(v[i] >= 0, "rle_string: run lengths must be non-negative, got ", v[i], " at ", i);
+    int64_t x = v[i];
+    if (i > 2) x -= v[i - 2];
+    bool more = true;
+    while (more) {
+      int64_t group = x & 0x1f;
+      x >>= 5;  // arithmetic shift: keeps the sign
+      more = (group & 0x10) ? x != -1 : x != 0;
+      if (more) group |= 0x20;
+      out.push_back((char)(group + 48));
+    }
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// PNG
+// ------------------------------------------------------------------------------------------------
+namespace {
+
+void put_u32(std::string& s, uint32_t v) {
+  const char b[4] = {(char)(v >> 24), (char)(v >> 16), (char)(v >> 8), (char)v};
+  s.append(b, 4);
+}
+
+#ifdef MF_WITH_ZLIB
+uint32_t crc32_of(const unsigned char* data, size_t n, uint32_t crc) { return (uint32_t)crc32(crc, data, (uInt)n); }
+#else
+const uint32_t* crc_table() {
+  static uint32_t table[256];
+  static bool ready = [] {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      table[i] = c;
+    }
+    return true;
+  }();
+  (void)ready;
+  return table;
+}
+
+uint32_t crc32_of(const unsigned char* data, size_t n, uint32_t crc) {
+  const uint32_t* table = crc_table();
+  crc = ~crc;
+  for (size_t i = 0; i < n; ++i) crc = table[(crc ^ data[i]) & 0xff] ^ (crc >> 8);
+  return ~crc;
+}
+
+uint32_t adler32_of(const unsigned char* data, size_t n) {
+  uint32_t a = 1, b = 0;
+  for (size_t i = 0; i < n; ++i) {
+    a = (a + data[i]) % 65521u;
+    b = (b + a) % 65521u;
+  }
+  return (b << 16) | a;
+}
+#endif
+
+void put_chunk(std::string& png, const char* type, const std::string& data) {
+  put_u32(png, (uint32_t)data.size());
+  const size_t start = png.size();
+  png.append(type, 4);
+  png.append(data);
+  const uint32_t crc = crc32_of(reinterpret_cast<const unsigned char*>(png.data() + start), 4 + data.size(), 0);
+  put_u32(png, crc);
+}
+
+// zlib stream of `raw` (the filtered scanlines).
+std::string zlib_stream(const std::vector<unsigned char>& raw) {
+#ifdef MF_WITH_ZLIB
+  uLongf size = compressBound((uLong)raw.size());
+  std::string out(size, '\0');
+  const int rc = compress2(reinterpret_cast<Bytef*>(&out[0]), &size, raw.data(), (uLong)raw.size(), 6);
+  TORCH_CHECK(rc == Z_OK, "png_encode: zlib compress2 failed with code ", rc);
+  out.resize(size);
+  return out;
+#else
+  std::string out = {'\x78', '\x01'};  // deflate, 32K window, no dictionary, "fastest" (header check ok)
+  size_t pos = 0;
+  do {
+    const size_t len = std::min<size_t>(65535, raw.size() - pos);
+    const bool last = pos + len == raw.size();
+    out.push_back(last ? '\x01' : '\x00');  // BFINAL, BTYPE = 00 (stored)
+    out.push_back((char)(len & 0xff));
+    out.push_back((char)(len >> 8));
+    out.push_back((char)(~len & 0xff));
+    out.push_back((char)((~len >> 8) & 0xff));
+    out.append(reinterpret_cast<const char*>(raw.data()) + pos, len);
+    pos += len;
+  } while (pos < raw.size());
+  put_u32(out, adler32_of(raw.data(), raw.size()));
+  return out;
+#endif
+}
+
+}  // namespace
+
+bool png_uses_zlib() {
+#ifdef MF_WITH_ZLIB
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string png_encode(const at::Tensor& mask) {
+  TORCH_CHECK(mask.device().is_cpu() && mask.dim() == 2, "png_encode: mask must be a 2-D CPU tensor, got ",
+              mask.sizes(), " on ", mask.device());
+  TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte,
+              "png_encode: mask must be bool or uint8, got ", mask.scalar_type());
+  const int64_t h = mask.size(0), w = mask.size(1);
+  TORCH_CHECK(h >= 1 && w >= 1 && h < (1LL << 31) && w < (1LL << 31), "png_encode: cannot write a ", h, "x", w,
+              " mask as PNG");
+  const at::Tensor m = mask.contiguous();
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(m.data_ptr());
+  std::vector<unsigned char> raw((w + 1) * h);
+  for (int64_t y = 0; y < h; ++y) {
+    unsigned char* row = raw.data() + y * (w + 1);
+    const uint8_t* cur = src + y * w;
+    row[0] = 2;  // filter "Up"
+    if (y == 0) {
+      for (int64_t x = 0; x < w; ++x) row[1 + x] = cur[x] ? 255 : 0;
+    } else {
+      const uint8_t* prev = cur - w;
+      for (int64_t x = 0; x < w; ++x) row[1 + x] = (unsigned char)((cur[x] ? 255 : 0) - (prev[x] ? 255 : 0));
+    }
+  }
+  std::string png("\x89PNG\r\n\x1a\n", 8);
+  std::string ihdr;
+  put_u32(ihdr, (uint32_t)w);
+  put_u32(ihdr, (uint32_t)h);
+  ihdr += std::string("\x08\x00\x00\x00\x00", 5);  // 8-bit, grayscale, deflate, adaptive filters, no interlace
+  put_chunk(png, "IHDR", ihdr);
+  put_chunk(png, "IDAT", zlib_stream(raw));
+  put_chunk(png, "IEND", std::string());
+  return png;
+}
+
+}  // namespace mf

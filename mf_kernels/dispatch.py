@@ -1,0 +1,396 @@
+"""Backends, the per-op registry, and the one-flag backend choice.
+
+Every op (`masked_cross_attention`, `fpn_upsample_add`, ...) is an `Op`: a pure-PyTorch reference plus
+`Implementation`s registered per backend. An implementation declares what it supports (devices, dtypes,
+an environment check such as "triton importable" or "extension built", and an input check such as
+"head dim 32") and answers `not_supported_reasons(inputs)` with every reason it refuses.
+
+Backends:
+  reference  the op's PyTorch reference (the single source of truth; always available)
+  triton     Triton kernels: CUDA tensors, or CPU tensors under the interpreter (TRITON_INTERPRET=1)
+  cpp        the C++ (OpenMP) CPU kernels of the extension `mf_kernels._C`
+  cuda       the CUDA kernels of the extension `mf_kernels._C`
+  sdpa       pure-PyTorch fused attention (`scaled_dot_product_attention`), CPU and CUDA; it is not C++,
+             so it gets its own honest name instead of posing as `cpp`
+
+The choice, innermost first: a model's own `kernels` (`fai_mf.load_model(..., kernels=)`,
+`FAIMFModel.set_kernels`, which run its forward inside `use()`), the context manager `use(backend)`,
+the environment variable `MF_KERNELS`, else "auto".
+
+- "auto" walks `AUTO_ORDER[device type]` (CUDA: triton > cuda > sdpa > reference; CPU: cpp > sdpa >
+  reference; the Triton interpreter is a test vehicle, never picked by auto) and takes the first
+  implementation that accepts the inputs. Its choice is logged once (INFO); a fall back to the
+  reference is logged once (WARNING) with every refusal.
+- A named backend is strict: if the op implements it but it refuses these inputs, `NotSupportedError`
+  lists the reasons. If the op has no implementation for it at all (e.g. `cpp` for masked attention),
+  the op runs its reference and says so once in the log, so that one model-wide flag can name a
+  backend that covers only some of the ops.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+logger = logging.getLogger("mf_kernels")
+
+BACKENDS = ("reference", "triton", "cpp", "cuda", "sdpa")
+CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "MF_KERNELS"
+DEVICE_TYPES = ("cpu", "cuda")
+# Fastest first. Triton on CPU runs in the interpreter (a test vehicle), so auto never takes it there.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "sdpa", "reference"),
+    "cpu": ("cpp", "sdpa", "reference"),
+}
+NOT_IMPLEMENTED = "not implemented for this op"
+
+
+class NotSupportedError(RuntimeError):
+    """A named backend cannot run the given inputs; the message lists every reason."""
+
+
+def validate_choice(choice: str) -> str:
+    if choice not in CHOICES:
+        raise ValueError(f"unknown kernels choice {choice!r}; expected one of {', '.join(CHOICES)}")
+    return choice
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs and implementations
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What implementations need to know about a call: device, dtype, and op-specific sizes (`extra`)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        for key, value in self.extra:
+            if key == name:
+                return value
+        raise AttributeError(name)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k}={v}" for k, v in self.extra)
+        return f"{self.device.type}, {str(self.dtype).replace('torch.', '')}" + (f", {sizes}" if sizes else "")
+
+
+def make_inputs(device: torch.device, dtype: torch.dtype, **extra: Any) -> Inputs:
+    return Inputs(torch.device(device), dtype, tuple(sorted(extra.items())))
+
+
+@dataclass
+class Implementation:
+    """One backend's implementation of one op.
+
+    devices / dtypes: what it runs on. environment(device) -> reasons the machine cannot run it on that
+    device type (library missing, interpreter off, extension not built); called lazily, must not import
+    heavy modules at registration. check(inputs) -> op-specific refusals (head dim, sizes).
+    """
+
+    op: str
+    backend: str
+    fn: Callable[..., Any]
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    environment: Callable[[str], list[str]] = lambda device_type: []
+    check: Callable[[Inputs], list[str]] = lambda inputs: []
+    description: str = ""
+
+    def availability_reasons(self, device_type: str) -> list[str]:
+        """Reasons this implementation cannot run on `device_type` at all (ignoring input shapes)."""
+        if device_type not in self.devices:
+            return [f"runs on {'/'.join(self.devices)} tensors, not {device_type}"]
+        return list(self.environment(device_type))
+
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        """Every reason this implementation refuses `inputs`; [] when it accepts them."""
+        reasons = self.availability_reasons(inputs.device.type)
+        if inputs.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {str(inputs.dtype).replace('torch.', '')} not supported (supports {names})")
+        if inputs.device.type in self.devices:  # size limits matter only where it could run at all
+            reasons += self.check(inputs)
+        return reasons
+
+
+# ----------------------------------------------------------------------------------------------------
+# The current choice: model hooks > use() > MF_KERNELS > "auto"
+
+_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("mf_kernels_choice", default=None)
+
+
+def current_choice() -> str:
+    """The backend choice in force here: `use()`/model setting, else $MF_KERNELS, else "auto"."""
+    choice = _choice.get()
+    if choice is not None:
+        return choice
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        if env not in CHOICES:
+            raise ValueError(f"${ENV_VAR}={env!r} is not a kernels choice; expected one of {', '.join(CHOICES)}")
+        return env
+    return "auto"
+
+
+@contextlib.contextmanager
+def use(backend: str) -> Iterator[str]:
+    """Run the ops inside the block with `backend` ("auto", "reference", "triton", "cpp", "cuda", "sdpa")."""
+    token = _choice.set(validate_choice(backend))
+    try:
+        yield backend
+    finally:
+        _choice.reset(token)
+
+
+_HOOKS_ATTR = "_mf_kernels_hooks"
+_CHOICE_ATTR = "_mf_kernels_choice"
+_ATTACH_DEPTH = 2  # the model, its children and grandchildren: every entry point a caller uses
+
+
+def attach(module: torch.nn.Module, backend: str | None) -> None:
+    """Pin `module`'s ops to `backend` (None: follow `use()` / $MF_KERNELS / auto again).
+
+    Forward hooks on the module and its sub-modules two levels down (for FAI-MF: `pixel_decoder`,
+    `head.predictor`, ...) run each forward inside `use(backend)`, so calling the model, `forward_raw`
+    or the pixel decoder alone all see the choice. Two levels keep the per-forward cost to a dozen hooks
+    instead of one per module; the hook restores the previous choice even when forward raises.
+    """
+    for handle in getattr(module, _HOOKS_ATTR, []):
+        handle.remove()
+    module.__dict__[_HOOKS_ATTR] = []
+    module.__dict__[_CHOICE_ATTR] = None if backend is None else validate_choice(backend)
+    if backend is None:
+        return
+    saved = threading.local()
+
+    def enter(mod: torch.nn.Module, args: Any) -> None:
+        stack = saved.__dict__.setdefault("stack", [])
+        stack.append(_choice.get())
+        _choice.set(backend)
+
+    def leave(mod: torch.nn.Module, args: Any, output: Any) -> None:
+        stack = saved.__dict__.get("stack")
+        if stack:
+            _choice.set(stack.pop())
+
+    for sub in _modules_to_depth(module, _ATTACH_DEPTH):
+        module.__dict__[_HOOKS_ATTR] += [sub.register_forward_pre_hook(enter),
+                                          sub.register_forward_hook(leave, always_call=True)]
+
+
+def attached(module: torch.nn.Module) -> str | None:
+    """The backend pinned to `module` by `attach`, or None."""
+    return module.__dict__.get(_CHOICE_ATTR)
+
+
+def _modules_to_depth(module: torch.nn.Module, depth: int) -> Iterator[torch.nn.Module]:
+    yield module
+    if depth > 0:
+        for child in module.children():
+            yield from _modules_to_depth(child, depth - 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ops
+
+
+@dataclass
+class Op:
+    """An op: its reference, how to read `Inputs` off a call, and its implementations per backend."""
+
+    name: str
+    reference: Callable[..., Any]
+    inputs_of: Callable[..., Inputs]
+    implementations: dict[str, Implementation] = field(default_factory=dict)
+    _selected: dict[tuple[str, Inputs], Implementation] = field(default_factory=dict, repr=False)
+    _logged: set[tuple] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        self.register("reference", self.reference, devices=DEVICE_TYPES,
+                      dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                      description="PyTorch reference")
+
+    def register(self, backend: str, fn: Callable[..., Any], *, devices: tuple[str, ...],
+                 dtypes: tuple[torch.dtype, ...], environment: Callable[[str], list[str]] | None = None,
+                 check: Callable[[Inputs], list[str]] | None = None, description: str = "") -> Implementation:
+        if backend not in BACKENDS:
+            raise ValueError(f"{self.name}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        impl = Implementation(self.name, backend, fn, tuple(devices), tuple(dtypes),
+                              environment or (lambda device_type: []), check or (lambda inputs: []), description)
+        self.implementations[backend] = impl
+        self._selected.clear()
+        return impl
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        choice = current_choice()
+        if choice == "reference":  # the exact reference model: no inspection, no logging
+            return self.reference(*args, **kwargs)
+        return self.select(self.inputs_of(*args, **kwargs), choice).fn(*args, **kwargs)
+
+    def reasons(self, backend: str, inputs: Inputs) -> list[str]:
+        impl = self.implementations.get(backend)
+        return [NOT_IMPLEMENTED] if impl is None else impl.not_supported_reasons(inputs)
+
+    def select(self, inputs: Inputs, choice: str | None = None) -> Implementation:
+        """The implementation that runs `inputs` under `choice` (default: the current choice)."""
+        choice = validate_choice(choice or current_choice())
+        key = (choice, inputs)
+        impl = self._selected.get(key)
+        if impl is None:
+            impl = self._select_auto(inputs) if choice == "auto" else self._select_named(choice, inputs)
+            self._selected[key] = impl
+        return impl
+
+    def _select_named(self, backend: str, inputs: Inputs) -> Implementation:
+        impl = self.implementations.get(backend)
+        if impl is None:
+            self._log_once(logging.INFO, ("absent", backend),
+                           f"mf_kernels: {self.name} has no {backend!r} implementation; it runs its reference")
+            return self.implementations["reference"]
+        reasons = impl.not_supported_reasons(inputs)
+        if reasons:
+            raise NotSupportedError(f"{self.name}: backend {backend!r} cannot run these inputs "
+                                    f"({inputs.describe()}):\n" + "\n".join(f"  - {r}" for r in reasons))
+        return impl
+
+    def _select_auto(self, inputs: Inputs) -> Implementation:
+        order = AUTO_ORDER.get(inputs.device.type, ("reference",))
+        refusals = []
+        for backend in order:
+            reasons = self.reasons(backend, inputs)
+            if not reasons:
+                impl = self.implementations[backend]
+                if backend == "reference":
+                    why = "; ".join(f"{b}: {', '.join(r)}" for b, r in refusals) or "no fused backend for this device"
+                    self._log_once(logging.WARNING, ("fallback", inputs.device.type, tuple(map(str, refusals))),
+                                   f"mf_kernels: auto runs the reference {self.name} on {inputs.describe()} "
+                                   f"because {why}")
+                else:
+                    self._log_once(logging.INFO, ("auto", inputs.device.type, inputs.dtype, backend),
+                                   f"mf_kernels: auto picked {backend!r} for {self.name} on {inputs.describe()}")
+                return impl
+            refusals.append((backend, reasons))
+        raise NotSupportedError(f"{self.name}: no backend can run {inputs.describe()}:\n"
+                                + "\n".join(f"  - {b}: {'; '.join(r)}" for b, r in refusals))
+
+    def _log_once(self, level: int, key: tuple, message: str) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.log(level, message)
+
+    def clear_cache(self) -> None:
+        """Forget selections and log-once keys (tests; after the environment changed)."""
+        self._selected.clear()
+        self._logged.clear()
+
+
+OPS: dict[str, Op] = {}
+
+
+def define_op(name: str, reference: Callable[..., Any], inputs_of: Callable[..., Inputs]) -> Op:
+    """Create and register an op; its reference is registered as the `reference` backend."""
+    if name in OPS:
+        raise ValueError(f"op {name!r} is already defined")
+    op = Op(name, reference, inputs_of)
+    OPS[name] = op
+    return op
+
+
+AOT_PROVIDERS: dict[str, str] = {}
+
+
+def register_aot_provider(op: str, provider: str) -> None:
+    """Declare an op's Triton launches for `python -m mf_kernels.aot`: `provider` = "package.module:function",
+    with function(arch: int) -> list[mf_kernels.aot.AotSpec]; imported only when the check runs."""
+    AOT_PROVIDERS[op] = provider
+
+
+def clear_caches() -> None:
+    for op in OPS.values():
+        op.clear_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Environment checks shared by implementations (lazy: nothing is imported or compiled at registration)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_requested() -> bool:
+    """Whether Triton kernels defined from now on run in the interpreter (read at `@triton.jit` time)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_environment(kernels_module: str) -> Callable[[str], list[str]]:
+    """Environment check for a Triton implementation whose kernels live in `kernels_module`.
+
+    The interpreter flag is read when the kernels are decorated, i.e. when `kernels_module` is first
+    imported; once it is imported, its own mode (module attribute INTERPRETED) is what counts.
+    """
+
+    def environment(device_type: str) -> list[str]:
+        if not triton_importable():
+            return ["triton is not installed (pip install triton)"]
+        module = _loaded_module(kernels_module)
+        interpreted = module.INTERPRETED if module is not None else interpreter_requested()
+        if device_type == "cpu":
+            if not interpreted:
+                return ["CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before the kernels are imported)"]
+            return []
+        if interpreted:
+            return ["the Triton kernels were imported in interpreter mode (TRITON_INTERPRET=1), which runs CPU tensors only"]
+        return cuda_capability_reasons(min_capability=(7, 5), who="Triton")
+
+    return environment
+
+
+def _loaded_module(name: str) -> Any:
+    import sys
+
+    return sys.modules.get(name)
+
+
+def cuda_capability_reasons(min_capability: tuple[int, int], who: str) -> list[str]:
+    """Called only for CUDA tensors, so touching CUDA here is fine."""
+    if not torch.cuda.is_available():
+        return ["no CUDA device is available"]
+    capability = torch.cuda.get_device_capability()
+    if capability < min_capability:
+        return [f"{who} needs sm_{min_capability[0]}{min_capability[1]}+, this GPU is sm_{capability[0]}{capability[1]}"]
+    return []
+
+
+def extension_environment(device_type: str) -> list[str]:
+    """Environment check for `cpp` / `cuda` implementations: the extension must be built and loadable."""
+    reasons = extension_status_reasons()
+    if not reasons and device_type == "cuda":
+        reasons = cuda_capability_reasons(min_capability=(7, 5), who="the CUDA extension")
+    return reasons
+
+
+def extension_status_reasons() -> list[str]:
+    """Why `mf_kernels._C` cannot be used; [] when it can. A later `mf_kernels._cpp_lib` owns the loading
+    (and its typed errors); until it exists, only the presence of the built module is checked."""
+    if importlib.util.find_spec("mf_kernels._cpp_lib") is not None:
+        from . import _cpp_lib  # type: ignore[attr-defined]
+
+        return list(_cpp_lib.unavailable_reasons())
+    if importlib.util.find_spec("mf_kernels._C") is None:
+        return ["extension mf_kernels._C is not built (pip install -e . with ninja and a compiler)"]
+    return []

@@ -1,0 +1,407 @@
+"""FPN top-down step (SPEC §4.2): every backend of `fpn_upsample_add` and `fpn_lateral_upsample_add` against
+the reference, BN folding, the pixel decoder's fused path, and the CUDA sources' compile check.
+
+Triton runs in the interpreter here: TRITON_INTERPRET is set before anything imports triton.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (mf_kernels imports it lazily)
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import mf_kernels  # noqa: E402
+from mf_kernels import fpn  # noqa: E402
+from mf_kernels.shapes import FPN_SHAPES  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = (torch.float32, torch.float16)
+
+# (B, C, H, W, h, w): odd sizes as the ceil-dividing backbones give them (25x37 <- 13x19), non-integer and
+# < 1 ratios, pairs where PyTorch's fp32 index rule differs from exact and from fp64 arithmetic (46 <- 14,
+# 22 <- 26), exact 2x, 1x1 coarse maps, channel counts that are not a multiple of any block.
+UPSAMPLE_CASES = [
+    (1, 20, 25, 37, 13, 19),
+    (2, 3, 46, 22, 14, 26),
+    (2, 130, 8, 8, 4, 4),
+    (1, 17, 7, 5, 3, 4),
+    (1, 5, 6, 9, 1, 1),
+]
+# (B, Cin, Cout, H, W, h, w) of the lateral op: K and N not multiples of the GEMM blocks.
+LATERAL_CASES = [
+    (1, 24, 20, 25, 37, 13, 19),
+    (2, 40, 70, 9, 11, 5, 6),
+    (1, 16, 8, 46, 22, 14, 26),
+]
+
+
+def backend_or_skip(op, backend: str, device: str, dtype: torch.dtype) -> None:
+    reasons = op.reasons(backend, mf_kernels.dispatch.make_inputs(device, dtype, numel=1, grad=False))
+    if reasons:
+        pytest.skip(f"{op.name}[{backend}] unavailable here: {'; '.join(reasons)}")
+
+
+def device_of(backend: str) -> str:
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def tolerance(dtype: torch.dtype, reduction: int) -> tuple[float, float]:
+    """(rtol, atol) for a fused result vs the fp64 oracle rounded to `dtype`: a few ulps of the output dtype,
+    scaled by sqrt of the reduction length for the GEMM (accumulation order differs)."""
+    scale = max(1.0, reduction ** 0.5 / 4)
+    if dtype == torch.float16:
+        return 2e-3, 2e-3 * scale
+    return 1e-5, 1e-5 * scale
+
+
+def assert_close_to_oracle(out: torch.Tensor, oracle: torch.Tensor, torch_own: torch.Tensor, reduction: int) -> None:
+    """Fused error ≤ 2 × PyTorch's own error in that dtype + a dtype tolerance (flash-attn's oracle)."""
+    assert out.shape == oracle.shape and out.dtype == oracle.dtype
+    rtol, atol = tolerance(out.dtype, reduction)
+    err = (out.double() - oracle.double()).abs().max().item()
+    own = (torch_own.double() - oracle.double()).abs().max().item()
+    bound = 2 * own + atol + rtol * oracle.double().abs().max().item()
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (PyTorch's own error {own:.3g})"
+
+
+def make_upsample(case, dtype, device, seed=0):
+    b, c, height, width, h, w = case
+    g = torch.Generator().manual_seed(seed)
+    lateral = torch.randn(b, c, height, width, generator=g).to(device, dtype)
+    coarse = torch.randn(b, c, h, w, generator=g).to(device, dtype)
+    return lateral, coarse
+
+
+def make_lateral(case, dtype, device, seed=0):
+    b, cin, cout, height, width, h, w = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cin, height, width, generator=g).to(device, dtype)
+    weight = (torch.randn(cout, cin, generator=g) * cin ** -0.5).to(device)
+    bias = torch.randn(cout, generator=g).to(device)
+    coarse = torch.randn(b, cout, h, w, generator=g).to(device, dtype)
+    return x, weight, bias, coarse
+
+
+# ----------------------------------------------------------------------------------------------------
+# Index rule and checks
+
+
+def test_nearest_scale_is_pytorch_fp32_rule():
+    """floor(dst * fp32(in / out)) in fp32, clamped, is exactly F.interpolate's index for every pair here."""
+    for in_size in range(1, 40):
+        for out_size in range(1, 90):
+            dst = np.arange(out_size, dtype=np.float32)
+            ours = np.minimum(np.floor(dst * np.float32(fpn.nearest_scale(in_size, out_size))), in_size - 1)
+            src = torch.arange(in_size, dtype=torch.float32).view(1, 1, 1, in_size)
+            theirs = F.interpolate(src, size=(1, out_size), mode="nearest").view(-1).numpy()
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"{in_size} -> {out_size}")
+
+
+def test_checks_name_the_problem():
+    lateral, coarse = make_upsample(UPSAMPLE_CASES[0], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="channel counts differ"):
+        mf_kernels.fpn_upsample_add(lateral, coarse[:, :3])
+    with pytest.raises(ValueError, match="dtype"):
+        mf_kernels.fpn_upsample_add(lateral, coarse.half())
+    x, weight, bias, coarse = make_lateral(LATERAL_CASES[0], torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"\[Cout, Cin\]"):
+        mf_kernels.fpn_lateral_upsample_add(x, weight[:, :, None, None], bias, coarse)
+    with pytest.raises(ValueError, match="bias"):
+        mf_kernels.fpn_lateral_upsample_add(x, weight, bias[:-1], coarse)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fpn_upsample_add: every backend is bit-exact (one add, one rounding, same source pixel)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_upsample_add_parity(backend, dtype):
+    device = device_of(backend)
+    backend_or_skip(fpn.fpn_upsample_add, backend, device, dtype)
+    with mf_kernels.use(backend):
+        for case in UPSAMPLE_CASES:
+            lateral, coarse = make_upsample(case, dtype, device)
+            expected = fpn.fpn_upsample_add_ref(lateral, coarse)
+            assert torch.equal(mf_kernels.fpn_upsample_add(lateral, coarse), expected), case
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
+def test_upsample_add_layouts(backend):
+    """channels_last, mixed layouts, a view whose rows are not dense, a channel slice: any strides."""
+    device = device_of(backend)
+    backend_or_skip(fpn.fpn_upsample_add, backend, device, torch.float16)
+    lateral, coarse = make_upsample((2, 20, 25, 37, 13, 19), torch.float16, device, seed=1)
+    expected = fpn.fpn_upsample_add_ref(lateral, coarse)
+    cl = torch.channels_last
+    wide = torch.zeros(2, 40, 25, 74, dtype=lateral.dtype, device=device)
+    wide[:, ::2, :, ::2] = lateral  # lateral as a strided view: channel stride 2 * H * W, column stride 2
+    variants = {
+        "channels_last": (lateral.contiguous(memory_format=cl), coarse.contiguous(memory_format=cl)),
+        "mixed": (lateral.contiguous(memory_format=cl), coarse),
+        "strided view": (wide[:, ::2, :, ::2], coarse),
+        "channel slice": (torch.cat([lateral, lateral], 1)[:, 20:], coarse),
+    }
+    with mf_kernels.use(backend):
+        for name, (lat, co) in variants.items():
+            out = mf_kernels.fpn_upsample_add(lat, co)
+            assert torch.equal(out, expected), name
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
+def test_upsample_add_backward_matches_reference(backend):
+    """The fused upsample-add also runs in training (reference pixel-decoder path): exact gradients."""
+    device = device_of(backend)
+    backend_or_skip(fpn.fpn_upsample_add, backend, device, torch.float32)
+    lateral, coarse = make_upsample((2, 5, 25, 37, 13, 19), torch.float32, device, seed=7)
+    upstream = torch.randn(lateral.shape, device=device)
+    grads = []
+    for choice in ("reference", backend):
+        lat, co = lateral.clone().requires_grad_(), coarse.clone().requires_grad_()
+        with mf_kernels.use(choice):
+            out = mf_kernels.fpn_upsample_add(lat, co)
+        (out * upstream).sum().backward()
+        grads.append((lat.grad, co.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-6, atol=1e-5)
+
+
+def test_fused_lateral_refuses_gradients_with_a_reason():
+    x, weight, bias, coarse = make_lateral(LATERAL_CASES[0], torch.float32, "cpu")
+    with mf_kernels.use("triton"), pytest.raises(mf_kernels.NotSupportedError, match="inference-only"):
+        mf_kernels.fpn_lateral_upsample_add(x, weight.requires_grad_(), bias, coarse)
+
+
+def test_upsample_add_triton_in_place_and_configs():
+    backend_or_skip(fpn.fpn_upsample_add, "triton", "cpu", torch.float32)
+    from mf_kernels import fpn_triton
+
+    lateral, coarse = make_upsample((1, 20, 25, 37, 13, 19), torch.float32, "cpu", seed=2)
+    expected = fpn.fpn_upsample_add_ref(lateral, coarse)
+    for cfg in (fpn_triton.UPSAMPLE_PIXELS_INNER, fpn_triton.UPSAMPLE_CHANNELS_INNER):
+        assert torch.equal(fpn_triton.fpn_upsample_add_triton(lateral, coarse, config=cfg), expected)
+    inplace = lateral.clone()
+    assert fpn_triton.fpn_upsample_add_triton(inplace, coarse, out=inplace) is inplace
+    assert torch.equal(inplace, expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fpn_lateral_upsample_add
+
+
+def _check_lateral(out, x, weight, bias, coarse):
+    oracle = fpn.fpn_lateral_upsample_add_ref(x, weight, bias, coarse, upcast=True)
+    torch_own = fpn.fpn_lateral_upsample_add_ref(x.cpu(), weight.cpu(), bias.cpu(), coarse.cpu()).to(x.device)
+    assert_close_to_oracle(out, oracle, torch_own, reduction=x.shape[1])
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lateral_upsample_add_parity(backend, dtype):
+    device = device_of(backend)
+    backend_or_skip(fpn.fpn_lateral_upsample_add, backend, device, dtype)
+    with mf_kernels.use(backend):
+        for case in LATERAL_CASES:
+            x, weight, bias, coarse = make_lateral(case, dtype, device)
+            _check_lateral(mf_kernels.fpn_lateral_upsample_add(x, weight, bias, coarse), x, weight, bias, coarse)
+        x, weight, bias, coarse = make_lateral(LATERAL_CASES[0], dtype, device, seed=3)
+        cl = x.contiguous(memory_format=torch.channels_last)
+        out = mf_kernels.fpn_lateral_upsample_add(cl, weight, bias, coarse)
+        _check_lateral(out, x, weight, bias, coarse)
+
+
+@pytest.mark.parametrize("arch", [75, 80])
+def test_lateral_triton_gemm_configs(arch):
+    """Every GEMM tile the launcher can pick on sm_75 and sm_80+ (interpreted), fp16 and fp32, plus the
+    sm_75 "conv + add" path, on odd K / N / pixel counts."""
+    backend_or_skip(fpn.fpn_lateral_upsample_add, "triton", "cpu", torch.float32)
+    from mf_kernels import fpn_triton
+
+    case = (2, 40, 70, 9, 11, 5, 6)
+    for dtype in DTYPES:
+        x, weight, bias, coarse = make_lateral(case, dtype, "cpu", seed=4)
+        for cfg in fpn_triton.gemm_configs(arch, dtype):
+            out = fpn_triton.fpn_lateral_upsample_add_triton(x, weight, bias, coarse, path="gemm", config=cfg)
+            _check_lateral(out, x, weight, bias, coarse)
+        if arch == 75:
+            out = fpn_triton.fpn_lateral_upsample_add_triton(x, weight, bias, coarse, path="conv+add")
+            _check_lateral(out, x, weight, bias, coarse)
+
+
+# ----------------------------------------------------------------------------------------------------
+# BN folding and the pixel decoder
+
+
+def _random_adapter(cin=12, cout=10, seed=5):
+    from fai_mf.modeling.pixel_decoder import ConvNorm
+
+    torch.manual_seed(seed)
+    adapter = ConvNorm(cin, cout, 1, relu=False)
+    with torch.no_grad():
+        adapter.norm.weight.uniform_(0.5, 2.0)
+        adapter.norm.bias.normal_()
+        adapter.norm.running_mean.normal_()
+        adapter.norm.running_var.uniform_(0.2, 3.0)
+    return adapter.eval()
+
+
+def test_bn_folding_equals_conv_bn_in_eval():
+    adapter = _random_adapter()
+    x = torch.randn(2, 12, 9, 7)
+    weight, bias = adapter.folded_1x1()
+    assert weight.shape == (10, 12) and bias.shape == (10,) and weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(F.conv2d(x, weight[:, :, None, None], bias), adapter(x), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_weights_are_cached_and_follow_parameter_changes():
+    adapter = _random_adapter()
+    first = adapter.folded_1x1()
+    assert adapter.folded_1x1()[0] is first[0]  # cached
+    with torch.no_grad():
+        adapter.norm.running_var.mul_(4.0)  # in place: bumps the version counter
+    second = adapter.folded_1x1()
+    assert second[0] is not first[0]
+    torch.testing.assert_close(second[0], first[0] / 2)
+    adapter.load_state_dict(_random_adapter(seed=6).state_dict())
+    third = adapter.folded_1x1()
+    torch.testing.assert_close(third[0], _random_adapter(seed=6).folded_1x1()[0])
+    assert "_folded_1x1" not in adapter.state_dict()
+
+
+def test_adapter_keeps_reference_path_in_training_and_with_autograd(monkeypatch):
+    adapter = _random_adapter()
+    calls = []
+    monkeypatch.setattr(mf_kernels, "fpn_lateral_upsample_add", lambda *a: calls.append(a))
+    x, coarse = torch.randn(1, 12, 6, 6), torch.randn(1, 10, 3, 3)
+    out = adapter.lateral_upsample_add(x, coarse)  # grad enabled, parameters require grad
+    assert out.requires_grad and not calls
+    adapter.train()
+    with torch.no_grad():
+        adapter.lateral_upsample_add(x, coarse)
+    assert not calls
+    adapter.eval()
+    with torch.no_grad(), mf_kernels.use("reference"):
+        adapter.lateral_upsample_add(x, coarse)
+    assert not calls
+    with torch.no_grad():
+        adapter.lateral_upsample_add(x, coarse)
+    assert len(calls) == 1
+
+
+def _pixel_decoder_outputs(backend: str, decoder, images):
+    with torch.inference_mode(), mf_kernels.use(backend):
+        mask_features, multi_scale = decoder(images)
+    return [mask_features] + multi_scale
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "auto"])
+def test_pixel_decoder_fused_path_matches_reference(backend):
+    from fai_mf.modeling.pixel_decoder import PixelDecoder
+
+    if backend != "auto":
+        backend_or_skip(fpn.fpn_lateral_upsample_add, backend, "cpu", torch.float32)
+    torch.manual_seed(0)
+    decoder = PixelDecoder(tiny_config()).eval()
+    for k in (1, 2, 3):  # non-trivial BN statistics, so folding matters
+        norm = getattr(decoder, f"adapter_{k}").norm
+        with torch.no_grad():
+            norm.running_mean.normal_(0, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.5)
+    images = torch.randn(1, 3, 100, 76)  # odd sizes: every top-down step has a non-2x ratio
+    expected = _pixel_decoder_outputs("reference", decoder, images)
+    got = _pixel_decoder_outputs(backend, decoder, images)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+
+
+def test_pixel_decoder_reference_is_the_unfused_model():
+    """kernels="reference" computes conv + BN + interpolate + add exactly as written in the spec."""
+    from fai_mf.modeling.pixel_decoder import PixelDecoder
+
+    torch.manual_seed(1)
+    decoder = PixelDecoder(tiny_config()).eval()
+    features = {name: torch.randn(1, s.channels, -(-64 // s.stride), -(-48 // s.stride))
+                for name, s in decoder.backbone.output_shape().items()}
+    with torch.inference_mode(), mf_kernels.use("reference"):
+        _, multi_scale = decoder.forward_features(features)
+        y = decoder.layer_4(features["res5"])
+        for k, name in ((3, "res4"), (2, "res3")):
+            lateral = getattr(decoder, f"adapter_{k}")(features[name])
+            y = getattr(decoder, f"layer_{k}")(lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest"))
+            assert torch.equal(multi_scale[4 - k], y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registration, roofline, AOT specs, CUDA sources
+
+
+def test_registered_backends_and_t4_decision():
+    for op in (fpn.fpn_upsample_add, fpn.fpn_lateral_upsample_add):
+        assert set(op.implementations) == {"reference", "triton", "cpp", "cuda"}
+        assert all(impl.description for impl in op.implementations.values())
+    decision = fpn.t4_decision()
+    floors = fpn.t4_lateral_floors([s for s in FPN_SHAPES if s.model == "fai-mf-s-coco-ins"])
+    assert floors["wmma-fused"] < floors["cudnn+add"] < floors["triton-fma"]  # what the decision rests on
+    assert "WMMA" in decision and "us" in decision
+
+
+def test_roofline_costs_at_the_model_shapes():
+    res2 = next(s for s in FPN_SHAPES if s.model == "fai-mf-s-coco-ins" and s.level == "res2")
+    costs = fpn.lateral_costs(res2.batch, res2.cin, res2.cout, res2.height, res2.width, res2.coarse_height,
+                              res2.coarse_width, itemsize=2)
+    assert costs["fused"].flops >= 2 * 160 * 160 * 256 * 128
+    assert costs["conv+add"].bytes - costs["fused"].bytes == 2 * 160 * 160 * 128 * 2  # the lateral round trip
+
+
+AOT_SPECS_SCRIPT = """
+import json
+from mf_kernels.fpn_triton import aot_specs
+print(json.dumps({arch: [[s.kernel, s.dtype, s.constexprs.get("BLOCK_M"), s.constexprs.get("BLOCK_N"),
+                          s.constexprs.get("BLOCK_K"), s.num_stages] for s in aot_specs(arch)] for arch in (75, 80, 90)}))
+"""
+
+
+def test_aot_specs_cover_both_kernels_within_t4_limits():
+    """The specs `python -m mf_kernels.aot` compiles (built in a process without the interpreter; the
+    compile itself is the CI's `python -m mf_kernels.aot --arch 75,80,90`)."""
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", AOT_SPECS_SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    specs = json.loads(run.stdout.strip().splitlines()[-1])
+    for arch, rows in specs.items():
+        assert {r[0] for r in rows} == {"fpn_upsample_add_kernel", "fpn_lateral_upsample_add_kernel"}, arch
+        assert {r[1] for r in rows} == {"fp16", "fp32"}
+    for kernel, dtype, bm, bn, bk, stages in specs["75"]:
+        if kernel == "fpn_lateral_upsample_add_kernel":  # A + B tiles per stage within the T4's 64 KB
+            assert (bm + bn) * bk * (4 if dtype == "fp32" else 2) * max(1, stages) <= 64 * 1024
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_fpn_cu_compiles_for_t4_a100_h100_without_spills(tmp_path):
+    procs = {arch: subprocess.Popen(["nvcc", f"-arch=sm_{arch}", "-O3", "-Xptxas", "-v", "-c",
+                                     str(REPO / "csrc" / "fpn.cu"), "-o", str(tmp_path / f"fpn_{arch}.o")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for arch in (75, 80, 90)}
+    for arch, proc in procs.items():
+        log = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, f"sm_{arch}:\n{log}"
+        spills = [line for line in log.splitlines() if "spill" in line and not line.strip().startswith("0 bytes")]
+        assert not [s for s in spills if " 0 bytes spill stores, 0 bytes spill loads" not in s], log
+        assert log.count("Compiling entry function") == 3, log  # upsample-add f32/f16 + the WMMA GEMM
