@@ -176,13 +176,18 @@ def load_provider(provider: str) -> Callable[[int], list[AotSpec]]:
     return getattr(importlib.import_module(module), function)
 
 
-def collect(archs: tuple[int, ...]) -> list[tuple[str, int, AotSpec]]:
-    """(op, arch, spec) for every registered provider and architecture, duplicates removed."""
+def collect(archs: tuple[int, ...], ops: tuple[str, ...] | None = None) -> list[tuple[str, int, AotSpec]]:
+    """(op, arch, spec) for every registered provider (or those named in `ops`) and arch, deduplicated."""
     import mf_kernels  # noqa: F401  (importing the package registers every op's provider)
     from .dispatch import AOT_PROVIDERS
 
+    unknown = sorted(set(ops or ()) - set(AOT_PROVIDERS))
+    if unknown:
+        raise ValueError(f"no AOT provider named {', '.join(unknown)}; registered: {', '.join(sorted(AOT_PROVIDERS))}")
     jobs, seen = [], set()
     for op, provider in sorted(AOT_PROVIDERS.items()):
+        if ops and op not in ops:
+            continue
         specs_of = load_provider(provider)
         for arch in archs:
             for spec in specs_of(arch):
@@ -200,11 +205,11 @@ def _compile_job(index: int) -> Result:
     return compile_spec(op, spec, arch)
 
 
-def run(archs: tuple[int, ...] = DEFAULT_ARCHS, jobs: int = 1) -> list[Result]:
-    """Compile every spec for every arch; `jobs` > 1 compiles in forked worker processes."""
+def run(archs: tuple[int, ...] = DEFAULT_ARCHS, jobs: int = 1, ops: tuple[str, ...] | None = None) -> list[Result]:
+    """Compile every spec (of `ops`, default all) for every arch; `jobs` > 1 compiles in forked processes."""
     if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
         raise RuntimeError("run the AOT check without TRITON_INTERPRET: the interpreter replaces @triton.jit kernels")
-    _JOBS[:] = collect(archs)
+    _JOBS[:] = collect(archs, ops)
     if jobs <= 1 or len(_JOBS) <= 1:
         return [_compile_job(i) for i in range(len(_JOBS))]
     import multiprocessing
@@ -248,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)),
                         help="comma-separated compute capabilities, e.g. 75,80,90")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (one entry per compile)")
+    parser.add_argument("--op", help="comma-separated AOT provider names (default: all registered)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                         help="compile in this many processes (default: min(4, CPUs))")
     args = parser.parse_args(argv)
@@ -256,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--arch must be comma-separated integers like 75,80,90, got {args.arch!r}")
     start = time.perf_counter()
-    results = run(archs, jobs=args.jobs)
+    ops = tuple(o.strip() for o in args.op.split(",") if o.strip()) if args.op else None
+    results = run(archs, jobs=args.jobs, ops=ops)
     print(format_table(results))
     failed = [r for r in results if not r.ok]
     print(f"{len(results)} compiles ({args.jobs} jobs) for sm_{', sm_'.join(map(str, archs))} in {time.perf_counter() - start:.1f} s: "

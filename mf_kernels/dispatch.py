@@ -52,6 +52,7 @@ AUTO_ORDER = {
     "cpu": ("cpp", "sdpa", "reference"),
 }
 NOT_IMPLEMENTED = "not implemented for this op"
+NO_CUDA = "no CUDA device is available"
 
 
 class NotSupportedError(RuntimeError):
@@ -113,7 +114,8 @@ class Implementation:
         """Reasons this implementation cannot run on `device_type` at all (ignoring input shapes)."""
         if device_type not in self.devices:
             return [f"runs on {'/'.join(self.devices)} tensors, not {device_type}"]
-        return list(self.environment(device_type))
+        reasons = [NO_CUDA] if device_type == "cuda" and not torch.cuda.is_available() else []
+        return list(dict.fromkeys(reasons + list(self.environment(device_type))))  # drop repeats, keep order
 
     def not_supported_reasons(self, inputs: Inputs) -> list[str]:
         """Every reason this implementation refuses `inputs`; [] when it accepts them."""
@@ -164,31 +166,39 @@ def attach(module: torch.nn.Module, backend: str | None) -> None:
     """Pin `module`'s ops to `backend` (None: follow `use()` / $MF_KERNELS / auto again).
 
     Forward hooks on the module and its sub-modules two levels down (for FAI-MF: `pixel_decoder`,
-    `head.predictor`, ...) run each forward inside `use(backend)`, so calling the model, `forward_raw`
-    or the pixel decoder alone all see the choice. Two levels keep the per-forward cost to a dozen hooks
-    instead of one per module; the hook restores the previous choice even when forward raises.
+    `head.predictor`, ...) run each forward inside the choice, so calling the model, `forward_raw` or the
+    pixel decoder alone all see it. Two levels keep the per-forward cost to a dozen hooks instead of one
+    per module; the hook restores the previous choice even when forward raises. The hooks hold only
+    the backend name, so the module still pickles.
     """
-    for handle in getattr(module, _HOOKS_ATTR, []):
+    for handle in module.__dict__.get(_HOOKS_ATTR, []):
         handle.remove()
     module.__dict__[_HOOKS_ATTR] = []
     module.__dict__[_CHOICE_ATTR] = None if backend is None else validate_choice(backend)
     if backend is None:
         return
-    saved = threading.local()
+    hook = _ChoiceHook(backend)
+    for sub in _modules_to_depth(module, _ATTACH_DEPTH):
+        module.__dict__[_HOOKS_ATTR] += [sub.register_forward_pre_hook(hook.enter),
+                                          sub.register_forward_hook(hook.leave, always_call=True)]
 
-    def enter(mod: torch.nn.Module, args: Any) -> None:
-        stack = saved.__dict__.setdefault("stack", [])
+
+_hook_stacks = threading.local()  # per thread: the choices the hooks replaced, innermost last
+
+
+class _ChoiceHook:
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def enter(self, module: torch.nn.Module, args: Any) -> None:
+        stack = _hook_stacks.__dict__.setdefault("stack", [])
         stack.append(_choice.get())
-        _choice.set(backend)
+        _choice.set(self.backend)
 
-    def leave(mod: torch.nn.Module, args: Any, output: Any) -> None:
-        stack = saved.__dict__.get("stack")
+    def leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        stack = _hook_stacks.__dict__.get("stack")
         if stack:
             _choice.set(stack.pop())
-
-    for sub in _modules_to_depth(module, _ATTACH_DEPTH):
-        module.__dict__[_HOOKS_ATTR] += [sub.register_forward_pre_hook(enter),
-                                          sub.register_forward_hook(leave, always_call=True)]
 
 
 def attached(module: torch.nn.Module) -> str | None:
@@ -215,6 +225,7 @@ class Op:
     reference: Callable[..., Any]
     inputs_of: Callable[..., Inputs]
     implementations: dict[str, Implementation] = field(default_factory=dict)
+    last_backend: str | None = None  # the backend of the latest call (profiling reports)
     _selected: dict[tuple[str, Inputs], Implementation] = field(default_factory=dict, repr=False)
     _logged: set[tuple] = field(default_factory=set, repr=False)
 
@@ -237,8 +248,11 @@ class Op:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         choice = current_choice()
         if choice == "reference":  # the exact reference model: no inspection, no logging
+            self.last_backend = "reference"
             return self.reference(*args, **kwargs)
-        return self.select(self.inputs_of(*args, **kwargs), choice).fn(*args, **kwargs)
+        impl = self.select(self.inputs_of(*args, **kwargs), choice)
+        self.last_backend = impl.backend
+        return impl.fn(*args, **kwargs)
 
     def reasons(self, backend: str, inputs: Inputs) -> list[str]:
         impl = self.implementations.get(backend)
@@ -318,6 +332,20 @@ def register_aot_provider(op: str, provider: str) -> None:
     AOT_PROVIDERS[op] = provider
 
 
+def last_choices() -> dict[str, str]:
+    """op name -> backend of its latest call, for the ops called so far (e.g. after a profiled forward)."""
+    return {name: op.last_backend for name, op in sorted(OPS.items()) if op.last_backend is not None}
+
+
+ROOFLINE_PROVIDERS: dict[str, Any] = {}
+
+
+def register_roofline_provider(op: str, provider: Any) -> None:
+    """Declare an op's roofline rows for `python -m mf_kernels.roofline`: a callable () -> list[roofline.Row]
+    or "package.module:function" (imported only when the report runs)."""
+    ROOFLINE_PROVIDERS[op] = provider
+
+
 def clear_caches() -> None:
     for op in OPS.values():
         op.clear_cache()
@@ -369,7 +397,7 @@ def _loaded_module(name: str) -> Any:
 def cuda_capability_reasons(min_capability: tuple[int, int], who: str) -> list[str]:
     """Called only for CUDA tensors, so touching CUDA here is fine."""
     if not torch.cuda.is_available():
-        return ["no CUDA device is available"]
+        return [NO_CUDA]
     capability = torch.cuda.get_device_capability()
     if capability < min_capability:
         return [f"{who} needs sm_{min_capability[0]}{min_capability[1]}+, this GPU is sm_{capability[0]}{capability[1]}"]

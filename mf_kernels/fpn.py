@@ -17,7 +17,7 @@ Implementations (`mf_kernels.dispatch` picks one):
              conv + BN + interpolate + add, see `fai_mf.modeling.pixel_decoder.ConvNorm`)
   triton     `mf_kernels.fpn_triton`: a strided upsample-add kernel and the GEMM with the add in its
              epilogue; on sm_75 its `tl.dot` has no tensor cores, so there the lateral op runs cuDNN's
-             conv followed by the fused upsample-add kernel instead (see `T4_DECISION`)
+             conv followed by the fused upsample-add kernel instead (see `t4_decision`)
   cpp        csrc/fpn.cpp (OpenMP) through `mf_kernels._C`; the lateral op is oneDNN's folded conv with
              the C++ upsample-add done in place on its output
   cuda       csrc/fpn.cu: an upsample-add kernel and a WMMA (tensor core, fp16) GEMM with the add in its
@@ -26,13 +26,11 @@ Implementations (`mf_kernels.dispatch` picks one):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from . import dispatch, roofline
 
 # ----------------------------------------------------------------------------------------------------
 # Checks and small helpers shared by every implementation
@@ -148,78 +146,88 @@ def fold_batchnorm(conv_weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Roofline: bytes and FLOPs per call, floors on a T4 (SPEC §5), and the T4 decision for the lateral op
-
-T4_BANDWIDTH = 320e9  # bytes/s
-T4_TENSOR_FLOPS = 65e12  # fp16 tensor cores (WMMA / mma.sync; not reachable from Triton on sm_75)
-T4_FMA_FLOPS = 8.1e12  # fp32 FMA units (where Triton's tl.dot runs on sm_75)
+# Roofline (SPEC §5): bytes and FLOPs per call at the model's shapes, T4 floors, and the T4 decision
 
 
-@dataclass(frozen=True)
-class FpnCost:
-    """One call's traffic and work: bytes read + written once each (ideal caching), multiply-adds × 2."""
-
-    bytes: int
-    flops: int
-
-    def floor_s(self, flops_per_s: float, bandwidth: float = T4_BANDWIDTH) -> float:
-        return max(self.bytes / bandwidth, self.flops / flops_per_s) if self.flops else self.bytes / bandwidth
+def upsample_add_traffic(shape, itemsize: int) -> tuple[int, int]:
+    """(bytes, FLOPs) of `fpn_upsample_add` at an `FpnShape`: lateral read, each coarse pixel read once,
+    out written; one add per output element."""
+    out = shape.batch * shape.cout * shape.height * shape.width
+    return (2 * out + shape.batch * shape.cout * shape.coarse_height * shape.coarse_width) * itemsize, out
 
 
-def upsample_add_cost(batch: int, channels: int, height: int, width: int, h: int, w: int, itemsize: int) -> FpnCost:
-    """lateral read + coarse read (each coarse pixel once) + out written; one add per output element."""
-    out = batch * channels * height * width
-    return FpnCost(bytes=(2 * out + batch * channels * h * w) * itemsize, flops=out)
+def lateral_traffic(shape, itemsize: int) -> dict[str, tuple[int, int]]:
+    """(bytes, FLOPs) of the two ways to compute `conv1x1 + BN + upsample + add` (BN folded in both):
 
-
-def lateral_costs(batch: int, cin: int, cout: int, height: int, width: int, h: int, w: int,
-                  itemsize: int) -> dict[str, FpnCost]:
-    """Cost of the three ways to compute `conv1x1 + BN + upsample + add` (BN folded in all three):
-
-    fused     one GEMM, upsample-add in its epilogue: x + weight + coarse read, out written
-    conv+add  conv (x, weight read, lateral written) then the fused upsample-add (lateral, coarse read, out
-              written): 2·M·Cout more bytes than fused
+    fused     one GEMM with the upsample-add in its epilogue: x, weight, coarse read, out written
+    conv+add  conv (x, weight read, lateral written), then the fused upsample-add (lateral and coarse read,
+              out written): 2·B·H·W·Cout·itemsize more bytes than fused
     """
-    pixels = batch * height * width
-    gemm_flops = 2 * pixels * cin * cout
-    x_bytes = pixels * cin * itemsize
-    w_bytes = cout * cin * itemsize + cout * 4
-    coarse_bytes = batch * cout * h * w * itemsize
-    out_bytes = pixels * cout * itemsize
-    return {
-        "fused": FpnCost(x_bytes + w_bytes + coarse_bytes + out_bytes, gemm_flops + 2 * pixels * cout),
-        "conv+add": FpnCost(x_bytes + w_bytes + 3 * out_bytes + coarse_bytes, gemm_flops + 2 * pixels * cout),
-    }
+    pixels = shape.batch * shape.height * shape.width
+    flops = 2 * pixels * shape.cin * shape.cout + 2 * pixels * shape.cout  # GEMM + bias and add
+    x_bytes = pixels * shape.cin * itemsize
+    w_bytes = shape.cout * shape.cin * itemsize + shape.cout * 4
+    coarse_bytes = shape.batch * shape.cout * shape.coarse_height * shape.coarse_width * itemsize
+    out_bytes = pixels * shape.cout * itemsize
+    return {"fused": (x_bytes + w_bytes + coarse_bytes + out_bytes, flops),
+            "conv+add": (x_bytes + w_bytes + coarse_bytes + 3 * out_bytes, flops)}
+
+
+def roofline_rows() -> list:
+    """`mf_kernels.roofline` rows of both ops at `FPN_SHAPES`, fp16 and fp32. The lateral op has one row per
+    T4 path: [fused GEMM] (floor = Triton on FMA units; its "TC floor" = the WMMA kernel) and
+    [conv+add] (cuDNN's conv on tensor cores, then the fused add: more bytes)."""
+    from .roofline import Row
+    from .shapes import FPN_SHAPES
+
+    rows = []
+    for dtype, itemsize in (("float16", 2), ("float32", 4)):
+        for shape in FPN_SHAPES:
+            label = f"{shape.model} {shape.level} {shape.cin}->{shape.cout}x{shape.height}x{shape.width}"
+            nbytes, flops = upsample_add_traffic(shape, itemsize)
+            rows.append(Row("fpn_upsample_add", label, dtype, nbytes, flops, nbytes))
+            paths = lateral_traffic(shape, itemsize)
+            rows.append(Row("fpn_lateral_upsample_add", label + " [fused GEMM]", dtype, *paths["fused"],
+                            paths["fused"][0], uses_tensor_cores=False))
+            rows.append(Row("fpn_lateral_upsample_add", label + " [conv+add]", dtype, *paths["conv+add"],
+                            paths["conv+add"][0], uses_tensor_cores=dtype == "float16"))
+    return rows
 
 
 def t4_lateral_floors(shapes, itemsize: int = 2) -> dict[str, float]:
-    """Summed T4 floors (s) over `shapes` (FpnShape) for the candidate paths of the lateral op in fp16:
+    """Summed T4 floors (s) over `shapes` (FpnShape) of the candidate paths of the lateral op in fp16:
 
-    triton-fma    the Triton fused GEMM on sm_75 (tl.dot on FMA units, 8.1 TFLOP/s)
-    cudnn+add     cuDNN conv on tensor cores + the fused upsample-add kernel
-    wmma-fused    the CUDA WMMA fused GEMM (tensor cores) with the add in its epilogue
+    triton-fma  the Triton fused GEMM on sm_75 (tl.dot on FMA units, 8.1 TFLOP/s)
+    cudnn+add   cuDNN's conv on tensor cores + the fused upsample-add kernel (2·M·N more bytes)
+    wmma-fused  the CUDA WMMA fused GEMM (tensor cores) with the add in its epilogue
     """
+    from .roofline import T4
+
+    def floor(nbytes: int, flops: int, peak: float) -> float:
+        return max(nbytes / T4.bandwidth, flops / peak)
+
     totals = {"triton-fma": 0.0, "cudnn+add": 0.0, "wmma-fused": 0.0}
-    for s in shapes:
-        costs = lateral_costs(s.batch, s.cin, s.cout, s.height, s.width, s.coarse_height, s.coarse_width, itemsize)
-        totals["triton-fma"] += costs["fused"].floor_s(T4_FMA_FLOPS)
-        totals["cudnn+add"] += costs["conv+add"].floor_s(T4_TENSOR_FLOPS)
-        totals["wmma-fused"] += costs["fused"].floor_s(T4_TENSOR_FLOPS)
+    for shape in shapes:
+        paths = lateral_traffic(shape, itemsize)
+        totals["triton-fma"] += floor(*paths["fused"], T4.fp32_fma)
+        totals["cudnn+add"] += floor(*paths["conv+add"], T4.fp16_tensor)
+        totals["wmma-fused"] += floor(*paths["fused"], T4.fp16_tensor)
     return totals
 
 
 @functools.lru_cache(maxsize=None)
 def t4_decision() -> str:
-    """The sentence `python -m mf_kernels.info` shows for the lateral op on sm_75, with its numbers."""
+    """Which path the T4 (sm_75) takes for the lateral op and why, with the roofline numbers."""
     from .shapes import FPN_SHAPES
 
-    s_model = [s for s in FPN_SHAPES if s.model == "fai-mf-s-coco-ins"]
-    floors = t4_lateral_floors(s_model)
-    us = {k: f"{v * 1e6:.0f} us" for k, v in floors.items()}
-    return (f"T4 (sm_75), fp16, fai-mf-s-coco-ins 640² (3 levels): floors Triton FMA GEMM {us['triton-fma']}, "
-            f"cuDNN conv + fused add {us['cudnn+add']}, WMMA fused {us['wmma-fused']}: auto takes the cuda "
-            f"backend's WMMA fusion (fp16) when the extension has CUDA, else triton runs cuDNN conv + its "
-            f"upsample-add kernel; Triton's own GEMM (no tensor cores on sm_75) only on sm_80+")
+    parts = []
+    for model in dict.fromkeys(s.model for s in FPN_SHAPES):
+        us = {k: f"{v * 1e6:.0f}" for k, v in t4_lateral_floors([s for s in FPN_SHAPES if s.model == model]).items()}
+        parts.append(f"{model} (3 levels, fp16, 640²): Triton GEMM on FMA {us['triton-fma']} us, cuDNN conv + fused "
+                     f"add {us['cudnn+add']} us, WMMA fused {us['wmma-fused']} us")
+    return ("T4 floors: " + "; ".join(parts) + ". So on sm_75 auto takes the cuda backend's WMMA fusion for fp16 "
+            "(when the extension has CUDA), else triton runs cuDNN conv + its fused upsample-add; fp32 (no fp32 "
+            "tensor cores) is cuDNN conv + fused add on both; Triton's own GEMM runs on sm_80+ only")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,12 +372,12 @@ def _triton_lateral_check(inputs: dispatch.Inputs) -> list[str]:
 TRITON_UPSAMPLE_DESCRIPTION = "one strided Triton pass (NCHW or channels_last), fp32/fp16"
 TRITON_LATERAL_DESCRIPTION = ("Triton GEMM (M = B·H·W, N = Cout, K = Cin) with the nearest upsample-add in its "
                               "epilogue on sm_80+ (tensor cores); on sm_75 tl.dot has no tensor cores, so it runs "
-                              "cuDNN conv + the Triton upsample-add kernel")
+                              "cuDNN conv + the Triton upsample-add kernel. " + t4_decision())
 CPP_DESCRIPTION = "C++/OpenMP strided upsample-add (csrc/fpn.cpp)"
 CPP_LATERAL_DESCRIPTION = "oneDNN conv with the folded weight + C++/OpenMP upsample-add in place on its output"
 CUDA_UPSAMPLE_DESCRIPTION = "CUDA strided upsample-add kernel (csrc/fpn.cu)"
 CUDA_LATERAL_DESCRIPTION = ("fp16: WMMA tensor-core GEMM with the upsample-add epilogue (csrc/fpn.cu); fp32: cuDNN "
-                            "conv + CUDA upsample-add in place")
+                            "conv + CUDA upsample-add in place. " + t4_decision())
 
 fpn_upsample_add = dispatch.define_op("fpn_upsample_add", fpn_upsample_add_ref, _upsample_inputs_of)
 fpn_upsample_add.__doc__ = """fpn_upsample_add(lateral [B, C, H, W], coarse [B, C, h, w]) -> [B, C, H, W]:
@@ -400,3 +408,4 @@ fpn_lateral_upsample_add.register(
     "cuda", _cuda_lateral_upsample_add, devices=("cuda",), dtypes=(torch.float16, torch.float32),
     environment=_cuda_extension_environment, check=_lateral_check, description=CUDA_LATERAL_DESCRIPTION)
 dispatch.register_aot_provider("fpn", "mf_kernels.fpn_triton:aot_specs")
+roofline.register("fpn", roofline_rows)

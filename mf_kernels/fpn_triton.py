@@ -162,18 +162,20 @@ class GemmConfig:
 def gemm_configs(arch: int, dtype: torch.dtype) -> list[GemmConfig]:
     """Candidate tiles for `arch`, largest first (each checked spill-free by `python -m mf_kernels.aot`).
 
-    sm_75: tl.dot runs on FMA units and there is no cp.async; 64x64 tiles keep the fp32 accumulator at
-    32 registers per thread and make 25-800 programs for a 40-SM T4 at the model's shapes. The triton
-    backend does not launch this GEMM there (cuDNN + the upsample-add kernel is faster, see
-    `mf_kernels.fpn.t4_decision`), but it must still compile for a forced call.
+    sm_75: tl.dot runs on FMA units and there is no cp.async: one stage, 64x64 tiles over 8 warps (16
+    accumulators per thread; 25-800 programs for a 40-SM T4 at the model's shapes). fp16 converts its
+    operands to fp32 in registers, so it takes K steps of 16 (32 spills with 4 warps). The triton backend
+    does not launch this GEMM on sm_75 (cuDNN + the upsample-add kernel has the lower floor, see
+    `mf_kernels.fpn.t4_decision`), but a forced call must still compile without spills.
     sm_80+: tensor cores; 128x128 tiles where there are enough of them to fill the SMs, smaller otherwise
-    (res4 at 640² is only 1600 pixels); fp32 stages fewer buffers (twice the bytes per stage).
+    (res4 at 640² is only 1600 pixels); fp32 stages fewer buffers (twice the bytes per stage); 64x128
+    takes 8 warps (4 spill in fp32 IEEE).
     """
     if arch < 80:
-        return [GemmConfig(64, 64, 32, num_warps=4, num_stages=1)]
+        return [GemmConfig(64, 64, 16 if dtype == torch.float16 else 32, num_warps=8, num_stages=1)]
     stages = 3 if dtype == torch.float16 else 2
     return [GemmConfig(128, 128, 32, num_warps=8, num_stages=stages),
-            GemmConfig(64, 128, 32, num_warps=4, num_stages=stages),
+            GemmConfig(64, 128, 32, num_warps=8, num_stages=stages),
             GemmConfig(64, 64, 32, num_warps=4, num_stages=stages)]
 
 

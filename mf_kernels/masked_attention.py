@@ -95,12 +95,13 @@ def _inputs_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: t
                num_heads: int, **_: object) -> dispatch.Inputs:
     check_inputs(q, k, v, mask_logits, num_heads)
     devices = {str(t.device) for t in (q, k, v, mask_logits)}
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return dispatch.make_inputs(q.device, q.dtype, head_dim=q.shape[2] // num_heads, queries=q.shape[1],
-                                logits_dtype=mask_logits.dtype, devices=tuple(sorted(devices)))
+                                logits_dtype=mask_logits.dtype, devices=tuple(sorted(devices)), needs_grad=needs_grad)
 
 
 def _triton_check(inputs: dispatch.Inputs) -> list[str]:
-    reasons = []
+    reasons = ["inputs require grad and the Triton kernels have no backward"] if inputs.needs_grad else []
     if inputs.head_dim not in SUPPORTED_HEAD_DIMS:
         reasons.append(f"head dim {inputs.head_dim} not in {SUPPORTED_HEAD_DIMS}")
     if inputs.queries > MAX_QUERIES:

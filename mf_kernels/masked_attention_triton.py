@@ -13,9 +13,10 @@ programs as flash-decoding does. Three launches:
    `logit < 0` test), and, when the whole row is blocked, all ones: the "no open key attends to every
    key" rule is settled here, exactly, before the keys are split. The attention kernel then reads
    Q·HW/8 bytes instead of Q·HW logits per head.
-2. `_split_attention_kernel`, grid (batch·head, key split, query block) with heads fastest so the
-   8 heads of one split run together and share bits and K/V cache lines: an online softmax (fp32, base 2)
-   over its key blocks, writing the partial state (m, l, acc).
+2. `_split_attention_kernel`, grid (batch·head, query block, key split), heads fastest then query
+   blocks, so the programs of one key split run at about the same time and read its K/V slice (and the
+   bits) from DRAM once, sharing it through L2: an online softmax (fp32, base 2) over the split's key
+   blocks, writing the partial state (m, l, acc).
 3. `_combine_splits_kernel`, grid (batch·head, query block): merges the partial states and writes
    out = acc / l in the input dtype, heads concatenated as [B, Q, D].
 
@@ -39,6 +40,7 @@ INTERPRETED = dispatch.interpreter_requested()
 LOG2E = 1.4426950408889634
 T4_SM_COUNT = 40  # used for the split count when there is no GPU to ask (interpreter, AOT)
 PROGRAMS_PER_SM = 4  # splits target this many attention programs per SM (4 warps each: 16 warps/SM)
+MIN_KEYS_PER_SPLIT = 128  # 4 x head dim 32: the partial acc of a split is at most 1/4 of its scores
 BITS_WORDS = 16  # 32-bit words of the bit mask written per iteration of `_attend_bits_kernel`
 COMBINE_BLOCK_Q = 16
 TL_DTYPES = {torch.float16: "fp16", torch.float32: "fp32"}
@@ -93,8 +95,8 @@ def _split_attention_kernel(
     FP32_DOT: tl.constexpr,  # dots in fp32 ("ieee", never tf32): fp32 inputs, and fp16 on sm_75 (FMA anyway)
 ):
     bh = tl.program_id(0)
-    split = tl.program_id(1)
-    q_block = tl.program_id(2)
+    q_block = tl.program_id(1)
+    split = tl.program_id(2)
     b = bh // H
     head = bh % H
     offs_q = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -218,10 +220,14 @@ def config_for(arch: int, dtype: torch.dtype, num_queries: int) -> Config:
     return Config(block_q, 32, num_warps=8, num_stages=2, fp32_dot=True)
 
 
-def num_splits_for(batch_heads: int, q_blocks: int, key_blocks: int, sm_count: int) -> tuple[int, int]:
-    """(n_splits, key blocks per split): about PROGRAMS_PER_SM attention programs per SM."""
+def num_splits_for(batch_heads: int, q_blocks: int, key_blocks: int, sm_count: int,
+                   min_blocks_per_split: int = 1) -> tuple[int, int]:
+    """(n_splits, key blocks per split): about PROGRAMS_PER_SM attention programs per SM, but at least
+    `min_blocks_per_split` key blocks per split, so the fp32 partial state written per split
+    (Q x head_dim) stays small next to the keys it summarises."""
     wanted = max(1, math.ceil(PROGRAMS_PER_SM * sm_count / (batch_heads * q_blocks)))
-    blocks_per_split = math.ceil(key_blocks / min(wanted, key_blocks))
+    blocks_per_split = max(min_blocks_per_split, math.ceil(key_blocks / min(wanted, key_blocks)))
+    blocks_per_split = min(blocks_per_split, key_blocks)
     return math.ceil(key_blocks / blocks_per_split), blocks_per_split
 
 
@@ -290,7 +296,8 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.T
     config = config_for(arch, q.dtype, num_queries)
     n_words = triton.cdiv(hw, 32)
     q_blocks = triton.cdiv(num_queries, config.block_q)
-    n_splits, blocks_per_split = num_splits_for(batch * num_heads, q_blocks, triton.cdiv(hw, config.block_k), sm_count)
+    n_splits, blocks_per_split = num_splits_for(batch * num_heads, q_blocks, triton.cdiv(hw, config.block_k), sm_count,
+                                                min_blocks_per_split=triton.cdiv(MIN_KEYS_PER_SPLIT, config.block_k))
 
     bits = torch.empty((batch, num_queries, n_words), dtype=torch.int32, device=q.device)
     state_shape = (batch * num_heads, n_splits, num_queries)
@@ -304,7 +311,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.T
             logits_ptr=mask_logits, bits_ptr=bits, Q=num_queries, HW=hw, n_words=n_words,
             stride_lb=mask_logits.stride(0), stride_lq=mask_logits.stride(1), stride_lk=mask_logits.stride(2),
             WORDS=BITS_WORDS), num_warps=4),
-        Launch(_split_attention_kernel, (batch * num_heads, n_splits, q_blocks), dict(
+        Launch(_split_attention_kernel, (batch * num_heads, q_blocks, n_splits), dict(
             q_ptr=q, k_ptr=k, v_ptr=v, bits_ptr=bits, m_ptr=m, l_ptr=l, acc_ptr=acc,
             Q=num_queries, HW=hw, n_words=n_words, H=num_heads, keys_per_split=blocks_per_split * config.block_k,
             n_splits=n_splits, qk_scale=head_dim ** -0.5 * LOG2E,

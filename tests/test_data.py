@@ -144,9 +144,6 @@ def _ground_truth_queries(sample, num_queries=6, num_classes=3):
 def test_perfect_predictions_score_100(synth, monkeypatch):
     inst = load_dataset(synth["val"] / "instances.json")
     sem = load_dataset(synth["val"])
-    by_image = {}
-    for i in range(len(inst)):
-        by_image[id(inst[i]["image"].data_ptr)] = None
 
     def fake_query_probs(model, image, size=None):
         for ds in (inst, sem):

@@ -358,12 +358,16 @@ def test_registered_backends_and_t4_decision():
     assert "WMMA" in decision and "us" in decision
 
 
-def test_roofline_costs_at_the_model_shapes():
+def test_roofline_rows_at_the_model_shapes():
+    from mf_kernels import roofline
+
     res2 = next(s for s in FPN_SHAPES if s.model == "fai-mf-s-coco-ins" and s.level == "res2")
-    costs = fpn.lateral_costs(res2.batch, res2.cin, res2.cout, res2.height, res2.width, res2.coarse_height,
-                              res2.coarse_width, itemsize=2)
-    assert costs["fused"].flops >= 2 * 160 * 160 * 256 * 128
-    assert costs["conv+add"].bytes - costs["fused"].bytes == 2 * 160 * 160 * 128 * 2  # the lateral round trip
+    paths = fpn.lateral_traffic(res2, itemsize=2)
+    assert paths["fused"][1] >= 2 * 160 * 160 * 256 * 128
+    assert paths["conv+add"][0] - paths["fused"][0] == 2 * 160 * 160 * 128 * 2  # the lateral map's round trip
+    rows = [r for r in roofline.rows() if r.op.startswith("fpn_")]
+    assert len(rows) == 2 * len(FPN_SHAPES) * 3  # 2 dtypes x shapes x (upsample-add, fused GEMM, conv+add)
+    assert all(r.bytes > 0 and r.flops > 0 and r.floor() > 0 for r in rows)
 
 
 AOT_SPECS_SCRIPT = """

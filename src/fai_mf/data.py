@@ -154,7 +154,7 @@ class CocoInstanceDataset(Dataset):
         masks = np.zeros((len(anns), out_h, out_w), dtype=bool)
         for k, ann in enumerate(anns):
             masks[k] = _resize_nearest(decode_segmentation(ann["segmentation"], h, w), self.size) > 0
-        keep = masks.reshape(len(anns), -1).any(1)  # a resize can erase tiny objects
+        keep = masks.reshape(len(anns), out_h * out_w).any(1)  # a resize can erase tiny objects
         labels = [self.contiguous[a["category_id"]] for a, kept in zip(anns, keep) if kept]
         image_array = np.asarray(_resize_image(image, self.size))
         return _to_sample(image_array, labels, masks[keep], int(info["id"]), self.flip)

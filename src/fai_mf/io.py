@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+import mf_kernels
+
 from .config import ConfigError, MaskFormerConfig
 from .modeling.model import FAIMaskFormer
 from .zoo import ZOO, zoo_config_dict
@@ -100,6 +102,21 @@ class FAIMFModel:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def kernels(self) -> str:
+        """The kernels backend of this model's ops: the one pinned by `set_kernels` / `load_model(kernels=)`,
+        else the current `mf_kernels` choice (`mf_kernels.use`, $MF_KERNELS, or "auto")."""
+        return mf_kernels.attached(self.model) or mf_kernels.current_choice()
+
+    def set_kernels(self, kernels: str | None) -> FAIMFModel:
+        """Run this model's fused ops with `kernels` = "auto" | "reference" | "triton" | "cpp" | "cuda" | "sdpa"
+        (None: follow `mf_kernels.use` / $MF_KERNELS / auto). "reference" is the plain PyTorch model.
+        A named backend that an op implements but cannot run (wrong device, dtype, size) raises at the
+        forward with every reason; ops without that backend run their reference (see `mf_kernels.dispatch`).
+        """
+        mf_kernels.attach(self.model, kernels)
+        return self
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write a focoos-format model directory (model_info.json + model_final.pth)."""
         directory = Path(directory)
@@ -124,12 +141,16 @@ class FAIMFModel:
 
 
 def load_model(source: str | os.PathLike, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-               **config_overrides: Any) -> FAIMFModel:
+               kernels: str | None = None, **config_overrides: Any) -> FAIMFModel:
     """Load a focoos model directory, a `model_info.json`, or a zoo architecture by name.
 
     A zoo name without `weights` gives random weights and a warning (nothing is downloaded).
+    `kernels` pins the backend of the model's fused ops ("auto", "reference", "triton", "cpp", "cuda",
+    "sdpa"; see `FAIMFModel.set_kernels`); None follows `mf_kernels.use` / $MF_KERNELS / "auto".
     `config_overrides` replace config fields (unknown names are an error).
     """
+    if kernels is not None:
+        mf_kernels.dispatch.validate_choice(kernels)
     info: dict[str, Any] = {}
     classes = None
     path = Path(source)
@@ -165,4 +186,4 @@ def load_model(source: str | os.PathLike, weights: str | os.PathLike | None = No
         warnings.warn(message, stacklevel=2)
         logger.warning(message)
     model.eval().to(device)
-    return FAIMFModel(config, model, classes=classes, name=name, info=info)
+    return FAIMFModel(config, model, classes=classes, name=name, info=info).set_kernels(kernels)

@@ -68,6 +68,15 @@ def detections_from_results(results: QueryResults, class_names: Sequence[str] | 
     return detections
 
 
+def detections_from_raw(mask_logits: torch.Tensor, class_probs: torch.Tensor, image_size: tuple[int, int],
+                        options: PostprocessOptions, class_names: Sequence[str] | None = None,
+                        mask_format: str = "png") -> list[FocoosDet]:
+    """One image: stride-4 mask logits [Q, h4, w4] and class probs [Q, C] -> its `FocoosDet`s."""
+    with torch.inference_mode():
+        kept = postprocess_queries(mask_logits, class_probs, image_size, options)
+    return detections_from_results(kept, class_names, mask_format)
+
+
 def predict(model: "FAIMFModel", images: Any, threshold: float | None = None, mask_threshold: float | None = None,
             predict_all_pixels: bool | None = None, use_mask_score: bool | None = None,
             class_names: Sequence[str] | None = None, mask_format: str = "png") -> list[FocoosDetections]:
@@ -98,9 +107,8 @@ def predict(model: "FAIMFModel", images: Any, threshold: float | None = None, ma
         inference_ms = (_now_ms(device) - start) / len(batch_ids)
         for j, i in enumerate(batch_ids):
             start = _now_ms(device)
-            with torch.inference_mode():
-                kept = postprocess_queries(raw.mask_logits[j], class_probs[j], loaded[i].size, options)
-            detections = detections_from_results(kept, names, mask_format)
+            detections = detections_from_raw(raw.mask_logits[j], class_probs[j], loaded[i].size, options, names,
+                                             mask_format)
             latency = {"preprocess": preprocess_ms, "inference": inference_ms, "postprocess": _now_ms(device) - start}
             results[i] = FocoosDetections(detections=detections, image=loaded[i].source, latency=latency)
     return [r for r in results if r is not None]

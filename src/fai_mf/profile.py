@@ -184,3 +184,178 @@ def _capture_graph(m, images: torch.Tensor) -> Callable:
         return static_out
 
     return replay
+
+
+# ---------------------------------------------------------------------------------------------------
+# reference vs fused, agreement, report
+
+
+@dataclass
+class Agreement:
+    """How closely the fused run reproduces the reference on the profiled image."""
+
+    class_logits_max_abs: float
+    mask_logits_max_abs: float
+    detections_reference: int
+    detections_fused: int
+    same_classes: bool
+    min_mask_iou: float
+    max_score_diff: float
+    ok: bool
+
+
+def _mask_iou(a, b) -> float:
+    inter = (a & b).sum()
+    union = (a | b).sum()
+    return 1.0 if union == 0 else float(inter) / float(union)
+
+
+def compare_outputs(ref: dict[str, Any], fused: dict[str, Any], image_size: tuple[int, int]) -> Agreement:
+    """Same count, order and classes of detections; masks IoU >= 0.99; raw outputs close."""
+    from .formats import decode_mask
+
+    cls_diff = (ref["class_logits"] - fused["class_logits"]).abs().max().item()
+    mask_diff = (ref["mask_logits"] - fused["mask_logits"]).abs().max().item()
+    dr, df = ref["detections"], fused["detections"]
+    same = len(dr) == len(df) and all(a.cls_id == b.cls_id for a, b in zip(dr, df))
+    ious = [_mask_iou(decode_mask(a, image_size), decode_mask(b, image_size)) for a, b in zip(dr, df)] if same else []
+    scores = [abs(a.conf - b.conf) for a, b in zip(dr, df)] if same else []
+    min_iou = min(ious, default=1.0)
+    max_score = max(scores, default=0.0)
+    scale = max(1.0, ref["mask_logits"].abs().max().item())
+    ok = same and min_iou >= 0.99 and max_score <= 1e-2 and mask_diff <= 1e-2 * scale
+    return Agreement(cls_diff, mask_diff, len(dr), len(df), same, min_iou, max_score, ok)
+
+
+def _outputs(m, images: torch.Tensor, postprocess: Callable) -> dict[str, Any]:
+    with torch.inference_mode():
+        raw = m.model.forward_raw(images)
+        detections = postprocess(raw.class_logits, raw.mask_logits)
+    return {"class_logits": raw.class_logits.float().cpu(), "mask_logits": raw.mask_logits.float().cpu(),
+            "detections": detections[0]}
+
+
+def make_postprocess(m, image_size: tuple[int, int]) -> Callable:
+    """(class_logits, mask_logits) -> list (per image) of FocoosDet lists, PNG masks, as `predict` does."""
+    from .postprocess import PostprocessOptions
+    from .predict import detections_from_raw
+
+    options = PostprocessOptions.from_config(m.config)
+
+    def postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> list:
+        class_probs = m.model.class_probs(class_logits.float())
+        return [detections_from_raw(mask_logits[i].float(), class_probs[i], image_size, options, m.classes)
+                for i in range(mask_logits.shape[0])]
+
+    return postprocess
+
+
+def _set_kernels(m, kernels: str) -> dict[str, str]:
+    if not hasattr(m, "set_kernels"):
+        raise RuntimeError("this build has no kernel dispatch (FAIMFModel.set_kernels)")
+    m.set_kernels(kernels)
+    return {}
+
+
+def profile(model: str, weights: str | None = None, resolution: int = 640, batch: int = 1, dtype: str = "fp32",
+            kernels: str = "auto", iters: int = 10, warmup: int = 2, cuda_graphs: bool = False,
+            device: str | None = None, compare: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Profile `model` with `reference` and with `kernels` on one synthetic image batch; returns a JSON-able dict."""
+    from . import load_model
+    from .demo import synthetic_image
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cuda_graphs and dev.type != "cuda":
+        logger.warning("--cuda-graphs needs a CUDA device; timing without graphs on %s", dev)
+        cuda_graphs = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        m = load_model(model, weights=weights, device=dev)
+    m.model.to(DTYPES[dtype])
+    images = synthetic_image(resolution, resolution, seed=seed).repeat(batch, 1, 1, 1).to(dev, DTYPES[dtype])
+    postprocess = make_postprocess(m, (resolution, resolution))
+
+    runs, outputs = [], {}
+    choices = ["reference"] + ([kernels] if compare and kernels != "reference" else [])
+    for choice in choices:
+        _set_kernels(m, choice)
+        result = run_once(m, images, postprocess, iters, warmup, cuda_graphs)
+        result.kernels = choice
+        result.kernel_choice = kernel_report()
+        runs.append(result)
+        outputs[choice] = _outputs(m, images, postprocess)
+    agreement = compare_outputs(outputs["reference"], outputs[choices[-1]], (resolution, resolution)) \
+        if len(choices) > 1 else None
+    return {
+        "model": model, "weights": weights, "resolution": resolution, "batch": batch, "dtype": dtype,
+        "iters": iters, "warmup": warmup, "environment": environment(dev),
+        "runs": [asdict(r) for r in runs],
+        "speedup_end_to_end": runs[-1].end_to_end_fps / runs[0].end_to_end_fps,
+        "speedup_model": runs[-1].model_fps / runs[0].model_fps,
+        "agreement": asdict(agreement) if agreement else None,
+    }
+
+
+def kernel_report() -> dict[str, str]:
+    """Which backend each op ran on in the last run, if the dispatch records it."""
+    try:
+        import mf_kernels
+
+        report = getattr(mf_kernels.dispatch, "last_choices", None)
+        return dict(report()) if callable(report) else {}
+    except Exception:  # noqa: BLE001 - reporting only, never fatal
+        return {}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    runs = report["runs"]
+    header = f"{'stage / metric':<28}" + "".join(f"{r['kernels']:>14}" for r in runs)
+    lines = [f"{report['model']} @ {report['resolution']}x{report['resolution']}, batch {report['batch']}, "
+             f"{report['dtype']}, {report['environment']['device']}, torch {report['environment']['torch']}",
+             header, "-" * len(header)]
+    for stage in STAGES:
+        lines.append(f"{stage + ' (ms)':<28}" + "".join(f"{r['stage_ms'][stage]:>14.2f}" for r in runs))
+    for key, label, fmt in (("model_ms", "model only (ms)", ".2f"), ("end_to_end_ms", "end to end (ms)", ".2f"),
+                            ("model_fps", "model FPS", ".2f"), ("end_to_end_fps", "end-to-end FPS", ".2f"),
+                            ("peak_memory_mb", "peak memory (MB)", ".0f")):
+        lines.append(f"{label:<28}" + "".join(f"{r[key]:>14{fmt}}" for r in runs))
+    if len(runs) > 1:
+        lines.append(f"speed-up {runs[-1]['kernels']} vs reference: end to end {report['speedup_end_to_end']:.2f}x, "
+                     f"model {report['speedup_model']:.2f}x")
+    if report["agreement"]:
+        a = report["agreement"]
+        lines.append(f"outputs agree: {'YES' if a['ok'] else 'NO'} (detections {a['detections_reference']} vs "
+                     f"{a['detections_fused']}, same classes {a['same_classes']}, min mask IoU {a['min_mask_iou']:.4f}, "
+                     f"max |dscore| {a['max_score_diff']:.2e}, max |dmask logit| {a['mask_logits_max_abs']:.2e})")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Stacked per-stage bars, one bar per kernels choice, with end-to-end FPS on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    names = [r["kernels"] for r in runs]
+    bottoms = [0.0] * len(runs)
+    colors = ["#4C72B0", "#55A868", "#C44E52", "#8172B2"]
+    for stage, color in zip(STAGES, colors):
+        values = [r["stage_ms"][stage] for r in runs]
+        ax.bar(names, values, bottom=bottoms, label=stage.replace("_", " "), color=color, width=0.55)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    for i, r in enumerate(runs):
+        ax.text(i, bottoms[i] * 1.01, f"{r['end_to_end_fps']:.2f} FPS", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("time per batch (ms)")
+    env = report["environment"]
+    ax.set_title(f"{report['model']} {report['resolution']}² b{report['batch']} {report['dtype']} on {env.get('gpu', env['device'])}",
+                 fontsize=10)
+    ax.set_ylim(0, max(bottoms) * 1.15)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -5,7 +5,8 @@ warm-up, gradient clipping on the whole model, AMP (fp16 autocast + GradScaler) 
 multi-process data parallel through torch.distributed: launch with
 `torchrun --nproc_per_node N -m fai_mf.cli train ...` (NCCL on CUDA, gloo on CPU). `batch_size` is
 per process; the losses normalise by the global number of GT masks, so N processes with batch b
-train like one process with batch N*b (BatchNorm statistics excepted: they stay per process).
+train like one process with batch N*b (BatchNorm: SyncBatchNorm across CUDA processes; on CPU
+(gloo) the statistics stay per process unless `freeze_bn`).
 
 The output folder is a focoos model directory that `fai_mf.load_model` reads (`model_info.json` +
 `model_final.pth`, rewritten every `checkpoint_every` iterations and at the end), plus
@@ -16,7 +17,7 @@ Training runs the reference kernels: fused kernels are inference-only.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import itertools
 import json
 import logging
 import math
@@ -31,7 +32,9 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+import mf_kernels
 
 from . import distributed
 from .config import ConfigError, MaskFormerConfig
@@ -62,12 +65,14 @@ class TrainOptions:
     poly_power: float = 0.9
     amp: bool = False  # fp16 autocast + GradScaler; CUDA only
     freeze_bn: bool = False  # BatchNorm layers use (and keep) their running statistics
+    sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch (SyncBatchNorm)
     shuffle: bool = True
     num_workers: int = 0
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 20
     resume: bool = False
+    stop_after: int | None = None  # end this run at that iteration (checkpointed; the schedule stays that of `iters`)
     device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
 
 
@@ -163,7 +168,10 @@ def save_checkpoint(model: FAIMFModel, out_dir: Path, optimizer: torch.optim.Opt
     try:
         model.save(tmp)
         torch.save({"iteration": iteration, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "options": asdict(options), "world_size": distributed.world_size()}, tmp / TRAIN_STATE)
+                    "options": asdict(options), "world_size": distributed.world_size(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
+                   tmp / TRAIN_STATE)
         for name in (WEIGHTS, TRAIN_STATE, MODEL_INFO):  # model_info last: a dir with it is complete
             os.replace(tmp / name, out_dir / name)
     finally:
@@ -177,39 +185,59 @@ def load_train_state(out_dir: Path, device: torch.device) -> dict[str, Any] | No
     return torch.load(path, map_location=device, weights_only=False)
 
 
+def _restore_rng(state: dict[str, Any], options: TrainOptions, start: int) -> None:
+    """One process: the saved RNG state, so that a resumed run draws what an uninterrupted one would.
+    Several: only rank 0's state was saved, so every rank is reseeded from (seed, rank, iteration)."""
+    if distributed.world_size() == 1 and state.get("world_size", 1) == 1 and state.get("rng") is not None:
+        torch.set_rng_state(state["rng"].cpu())
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    else:
+        torch.manual_seed(options.seed + distributed.rank() + 1000003 * start)
+
+
 # ---- data -------------------------------------------------------------------------------------
+class _ResumableSampler(Sampler[int]):
+    """A DistributedSampler whose next epoch can start `skip` samples in (resuming mid-epoch)."""
+
+    def __init__(self, base: DistributedSampler):
+        self.base, self.skip = base, 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
+
+
 def _batches(dataset: Dataset, options: TrainOptions, start_iteration: int) -> Iterator[tuple[torch.Tensor, list[dict]]]:
-    """Endless batches. The sampler is a DistributedSampler in every case (one replica when not
-    distributed) so that N processes see, step by step, the same images as one process with N
-    times the batch."""
-    sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                 shuffle=options.shuffle, seed=options.seed, drop_last=False)
-    loader = DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=options.num_workers, drop_last=True, persistent_workers=options.num_workers > 0)
-    per_epoch = len(loader)
+    """Endless batches, the same sequence whether or not the run was resumed at `start_iteration`.
+
+    The sampler is a DistributedSampler in every case (one replica when not distributed) so that N
+    processes see, step by step, the images one process sees with N times the batch. The loader has
+    its own generator so that it never draws from the global RNG (which the losses use).
+    """
+    base = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                              shuffle=options.shuffle, seed=options.seed, drop_last=False)
+    per_epoch = len(base) // options.batch_size
     if per_epoch == 0:
         raise ValueError(f"dataset of {len(dataset)} images is smaller than one global batch "
                          f"({options.batch_size} x {distributed.world_size()} processes)")
+    sampler = _ResumableSampler(base)
+    loader = DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=options.num_workers, drop_last=True,
+                        generator=torch.Generator().manual_seed(options.seed + distributed.rank()))
     epoch, skip = divmod(start_iteration, per_epoch)
     while True:
-        sampler.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            if i >= skip:
-                yield batch
+        base.set_epoch(epoch)
+        sampler.skip = skip * options.batch_size
+        yield from loader
         epoch, skip = epoch + 1, 0
 
 
 def _to_device(images: torch.Tensor, targets: list[dict], device: torch.device) -> tuple[torch.Tensor, list[dict]]:
     return (images.to(device, non_blocking=True),
             [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
-
-
-def _reference_kernels() -> contextlib.AbstractContextManager:
-    """Training runs the reference ops (fused kernels are inference-only)."""
-    import mf_kernels
-
-    use = getattr(mf_kernels, "use", None)
-    return use("reference") if use is not None else contextlib.nullcontext()
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -264,6 +292,7 @@ def train(model: FAIMFModel, dataset: Dataset, out_dir: str | os.PathLike, optio
                                   lr=options.lr, weight_decay=options.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     start = 0
+    torch.manual_seed(options.seed + distributed.rank())  # augmentation draws differ per process
     if options.resume:
         state = load_train_state(out_dir, device)
         if state is not None:
@@ -271,16 +300,17 @@ def train(model: FAIMFModel, dataset: Dataset, out_dir: str | os.PathLike, optio
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             start = int(state["iteration"])
+            _restore_rng(state, options, start)
             if distributed.is_main_process():
                 print(f"resuming from {out_dir} at iteration {start}", flush=True)
         elif distributed.is_main_process():
             print(f"nothing to resume in {out_dir}; starting from iteration 0", flush=True)
-
-    torch.manual_seed(options.seed + distributed.rank())  # augmentation draws differ per process
     train_net: nn.Module = net
     if distributed.is_distributed():
         # Layers that no loss reaches (input_proj of a level no decoder layer attends to) need this.
         unused = net.config.transformer_predictor_dec_layers < 3
+        if options.sync_bn and device.type == "cuda" and not options.freeze_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(net)  # in place below the top module; same state_dict keys
         train_net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                                         find_unused_parameters=unused)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -288,8 +318,9 @@ def train(model: FAIMFModel, dataset: Dataset, out_dir: str | os.PathLike, optio
     result = TrainResult(out_dir=out_dir, iterations=start)
     batches = _batches(dataset, options, start)
     t0 = time.perf_counter()
-    with _reference_kernels():
-        for iteration in range(start, options.iters):
+    with mf_kernels.use("reference"):  # fused kernels are inference-only (no backward)
+        end = options.iters if options.stop_after is None else min(options.iters, options.stop_after)
+        for iteration in range(start, end):
             net.train()
             if options.freeze_bn:
                 _set_bn_eval(net)
@@ -316,7 +347,7 @@ def train(model: FAIMFModel, dataset: Dataset, out_dir: str | os.PathLike, optio
             if progress.due(iteration):
                 progress(iteration, mean_loss, _main_losses(losses), options.lr * lr_factor(iteration, options))
             done = iteration + 1
-            if options.checkpoint_every > 0 and done % options.checkpoint_every == 0 and done < options.iters:
+            if options.checkpoint_every > 0 and done % options.checkpoint_every == 0 and done < end:
                 if distributed.is_main_process():
                     save_checkpoint(model, out_dir, optimizer, scaler, done, options)
                 distributed.barrier()
@@ -359,11 +390,14 @@ def run(args: argparse.Namespace) -> int:
         source, weights = resume_dir, resume_dir / WEIGHTS  # the architecture written by the first run
     model = build_model(source, weights=weights, num_classes=num_classes, classes=list(dataset.classes),
                         **_config_overrides(args))
+    model.name = args.name or Path(args.out).name
     options = TrainOptions(iters=args.iters, batch_size=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                            backbone_lr_mult=args.backbone_lr_mult, clip_grad=args.clip_grad,
                            warmup_iters=args.warmup, amp=args.amp, freeze_bn=args.freeze_bn,
+                           sync_bn=not args.no_sync_bn,
                            num_workers=args.workers, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                           log_every=args.log_every, resume=args.resume, device=args.device)
+                           log_every=args.log_every, resume=args.resume, stop_after=args.stop_after,
+                           device=args.device)
     if distributed.is_main_process():
         n = sum(p.numel() for p in model.model.parameters())
         print(f"training {model.name} ({n / 1e6:.2f} M parameters, {num_classes} classes) on {args.data} "
@@ -385,6 +419,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help="initial weights (.pth); default: the model directory's")
     p.add_argument("--data", required=True, help="COCO instances .json, or a folder with images/ and labels/")
     p.add_argument("--out", required=True, help="output model directory (focoos format)")
+    p.add_argument("--name", default=None, help="model name in model_info.json (default: the --out folder's name)")
     p.add_argument("--eval-data", default=None, help="evaluate on this dataset after training")
     p.add_argument("--config", default=None, help="JSON file of config fields overriding the model's")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="one config override (JSON value)")
@@ -400,11 +435,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=None, help="resize training images to SIZE x SIZE")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm statistics fixed")
+    p.add_argument("--no-sync-bn", action="store_true", help="several CUDA processes: per-process BatchNorm statistics")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pth")
+    p.add_argument("--stop-after", type=int, default=None, help="end this run at iteration N (resume later)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=run)
