@@ -32,8 +32,14 @@ $(VENV)/.ready: pyproject.toml setup.py
 test: venv
 	$(PY) -m pytest -q tests
 
+# Profile fai-mf-s-coco-ins at 640x640 (random weights unless WEIGHTS=path), reference vs fused kernels.
+MODEL ?= fai-mf-s-coco-ins
+WEIGHTS ?=
+DEMO_ARGS ?= --iters 5 --warmup 1
 demo: venv
-	$(PY) -m fai_mf.cli demo
+	mkdir -p out
+	$(PY) -m fai_mf.cli bench fps --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) --resolution 640 \
+		--kernels auto $(DEMO_ARGS) --json out/demo_fps.json --plot out/demo_fps.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

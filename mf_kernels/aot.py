@@ -163,11 +163,16 @@ def compile_spec(op: str, spec: AotSpec, arch: int) -> Result:
     except Exception as exc:  # report every failure in the table; the exit code says it failed
         result.errors.append(f"compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
     result.compile_s = time.perf_counter() - start
+    return check_limits(result)
+
+
+def check_limits(result: Result) -> Result:
+    """Add an error for any spill and for shared memory above the architecture's per-block limit."""
     if result.spill_stores or result.spill_loads:
         result.errors.append(f"spills {result.spill_stores} B stored / {result.spill_loads} B loaded")
-    limit = SHARED_LIMITS.get(arch)
+    limit = SHARED_LIMITS.get(result.arch)
     if result.shared is not None and limit is not None and result.shared > limit:
-        result.errors.append(f"shared memory {result.shared} B > {limit} B limit of sm_{arch}")
+        result.errors.append(f"shared memory {result.shared} B > {limit} B limit of sm_{result.arch}")
     return result
 
 

@@ -26,11 +26,12 @@ Implementations (`mf_kernels.dispatch` picks one):
 from __future__ import annotations
 
 import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import dispatch, roofline
+from . import dispatch
 
 # ----------------------------------------------------------------------------------------------------
 # Checks and small helpers shared by every implementation
@@ -323,15 +324,22 @@ def _cuda_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: torc
 # Registration
 
 
+def _numel_class(*numels: int) -> int:
+    """The largest element count when it breaks int32 indexing, else 0: a few keys for the dispatcher's
+    selection cache instead of one per image size."""
+    largest = max(numels)
+    return largest if largest > MAX_ELEMENTS else 0
+
+
 def _upsample_inputs_of(lateral: torch.Tensor, coarse: torch.Tensor, **_: object) -> dispatch.Inputs:
     check_inputs(lateral, coarse)
-    return dispatch.make_inputs(lateral.device, lateral.dtype, numel=max(lateral.numel(), coarse.numel()))
+    return dispatch.make_inputs(lateral.device, lateral.dtype, numel=_numel_class(lateral.numel(), coarse.numel()))
 
 
 def _lateral_inputs_of(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, coarse: torch.Tensor,
                        **_: object) -> dispatch.Inputs:
     check_lateral_inputs(x, weight, bias, coarse)
-    numel = max(x.numel(), coarse.numel(), x.shape[0] * weight.shape[0] * x.shape[2] * x.shape[3])
+    numel = _numel_class(x.numel(), coarse.numel(), x.shape[0] * weight.shape[0] * x.shape[2] * x.shape[3])
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias, coarse))
     return dispatch.make_inputs(x.device, x.dtype, numel=numel, grad=grad)
 
@@ -370,14 +378,19 @@ def _triton_lateral_check(inputs: dispatch.Inputs) -> list[str]:
 
 
 TRITON_UPSAMPLE_DESCRIPTION = "one strided Triton pass (NCHW or channels_last), fp32/fp16"
+# Why each path, in one line (the floors behind it: `t4_decision()`, `python -m mf_kernels.roofline`; kept
+# out of import time, which must not import the roofline module).
+T4_DECISION_SHORT = ("T4 roofline, fp16, 640²: WMMA fused GEMM (memory-bound) < cuDNN conv + fused add (2·M·Cout more "
+                     "bytes) < Triton GEMM on FMA units (compute-bound, no tensor cores on sm_75); so sm_75 auto takes "
+                     "cuda (fp16) when the extension has CUDA, else triton's cuDNN conv + fused add")
 TRITON_LATERAL_DESCRIPTION = ("Triton GEMM (M = B·H·W, N = Cout, K = Cin) with the nearest upsample-add in its "
                               "epilogue on sm_80+ (tensor cores); on sm_75 tl.dot has no tensor cores, so it runs "
-                              "cuDNN conv + the Triton upsample-add kernel. " + t4_decision())
+                              "cuDNN conv + the Triton upsample-add kernel. " + T4_DECISION_SHORT)
 CPP_DESCRIPTION = "C++/OpenMP strided upsample-add (csrc/fpn.cpp)"
 CPP_LATERAL_DESCRIPTION = "oneDNN conv with the folded weight + C++/OpenMP upsample-add in place on its output"
 CUDA_UPSAMPLE_DESCRIPTION = "CUDA strided upsample-add kernel (csrc/fpn.cu)"
 CUDA_LATERAL_DESCRIPTION = ("fp16: WMMA tensor-core GEMM with the upsample-add epilogue (csrc/fpn.cu); fp32: cuDNN "
-                            "conv + CUDA upsample-add in place. " + t4_decision())
+                            "conv + CUDA upsample-add in place. " + T4_DECISION_SHORT)
 
 fpn_upsample_add = dispatch.define_op("fpn_upsample_add", fpn_upsample_add_ref, _upsample_inputs_of)
 fpn_upsample_add.__doc__ = """fpn_upsample_add(lateral [B, C, H, W], coarse [B, C, h, w]) -> [B, C, H, W]:
@@ -387,7 +400,8 @@ fpn_upsample_add.register(
     environment=dispatch.triton_environment("mf_kernels.fpn_triton"), check=_size_check,
     description=TRITON_UPSAMPLE_DESCRIPTION)
 fpn_upsample_add.register(
-    "cpp", _differentiable(_cpp_upsample_add), devices=("cpu",), dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "cpp", _differentiable(_cpp_upsample_add), devices=("cpu",),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     environment=dispatch.extension_environment, check=_size_check, description=CPP_DESCRIPTION)
 fpn_upsample_add.register(
     "cuda", _differentiable(_cuda_upsample_add), devices=("cuda",), dtypes=(torch.float16, torch.float32),
@@ -408,4 +422,4 @@ fpn_lateral_upsample_add.register(
     "cuda", _cuda_lateral_upsample_add, devices=("cuda",), dtypes=(torch.float16, torch.float32),
     environment=_cuda_extension_environment, check=_lateral_check, description=CUDA_LATERAL_DESCRIPTION)
 dispatch.register_aot_provider("fpn", "mf_kernels.fpn_triton:aot_specs")
-roofline.register("fpn", roofline_rows)
+dispatch.register_roofline_provider("fpn", "mf_kernels.fpn:roofline_rows")

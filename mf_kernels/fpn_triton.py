@@ -266,7 +266,8 @@ def plan_upsample_add(lateral: torch.Tensor, coarse: torch.Tensor, out: torch.Te
     cfg = config or (UPSAMPLE_CHANNELS_INNER if channels_inner else UPSAMPLE_PIXELS_INNER)
     pixels = height * width
     h, w = coarse.shape[-2:]
-    launch = Launch(fpn_upsample_add_kernel, (triton.cdiv(pixels, cfg.block_p), triton.cdiv(channels, cfg.block_c), batch),
+    grid = (triton.cdiv(pixels, cfg.block_p), triton.cdiv(channels, cfg.block_c), batch)
+    launch = Launch(fpn_upsample_add_kernel, grid,
                     dict(lateral_ptr=lateral, coarse_ptr=coarse, out_ptr=out, C=channels, P=pixels, W=width, h=h, w=w,
                          scale_h=nearest_scale(h, height), scale_w=nearest_scale(w, width),
                          stride_lb=lateral_strides[0], stride_lc=lateral_strides[1], stride_lp=lateral_strides[2],
@@ -285,7 +286,8 @@ def plan_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: torch
     """The launch of `fpn_lateral_upsample_add_kernel` and its output [B, Cout, H, W] (x's memory format).
 
     `arch` / `sm_count` default to x's device (T4 values for CPU tensors); the AOT check passes them to
-    get another architecture's launch; `precision` overrides `input_precision`. `weight` is cast to x's dtype, `bias` to fp32 (both tiny).
+    get another architecture's launch; `precision` overrides `input_precision`. `weight` is cast to x's
+    dtype, `bias` to fp32 (both tiny).
     """
     check_lateral_inputs(x, weight, bias, coarse)
     if x.dtype not in TL_DTYPES:

@@ -101,6 +101,38 @@ POSTPROCESS_SHAPES = (
 )
 
 
+ROW_KINDS = ("random", "empty", "full", "blob")
+
+
+def make_mask_logits(queries: int, h: int, w: int, dtype: torch.dtype = torch.float32, seed: int = 0,
+                     edge_rows: bool = True) -> torch.Tensor:
+    """Seeded stride-4 mask logits [Q, h, w] (shared by the tests and the benchmark).
+
+    Every row is an object-like blob: positive inside an ellipse of random centre and radii, negative
+    outside, plus noise, so masks are compact with ragged borders, as a trained model's are. With
+    `edge_rows`, rows cycle through ROW_KINDS instead: white noise (many tiny components), all -30
+    (empty mask), all +30 (full mask), blob.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ys = torch.arange(h, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, :]
+    rows = []
+    for q in range(queries):
+        kind = ROW_KINDS[q % len(ROW_KINDS)] if edge_rows else "blob"
+        noise = torch.randn(h, w, generator=gen)
+        if kind == "random":
+            rows.append(4 * noise)
+        elif kind == "empty":
+            rows.append(torch.full((h, w), -30.0))
+        elif kind == "full":
+            rows.append(torch.full((h, w), 30.0))
+        else:
+            cy, cx, ry, rx = (torch.rand(4, generator=gen) * torch.tensor([h, w, h / 3, w / 3])).tolist()
+            inside = 1 - ((ys - cy) / (ry + 1)) ** 2 - ((xs - cx) / (rx + 1)) ** 2
+            rows.append(8 * inside.clamp(min=-1) + noise)
+    return torch.stack(rows).to(dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checks
 
@@ -127,6 +159,8 @@ def check_inputs(mask_logits: torch.Tensor, image_size, scores: torch.Tensor | N
     height, width = _size(image_size)
     num = mask_logits.shape[0]
     if scores is not None:
+        if num == 0:
+            raise ValueError(f"{op}: ownership mode (scores given) needs at least one query")
         if scores.shape != (num,) or not scores.is_floating_point():
             raise ValueError(f"{op}: scores must be a floating tensor [Q={num}], got {tuple(scores.shape)} {scores.dtype}")
         if scores.device != mask_logits.device:
@@ -159,6 +193,8 @@ def check_semantic_inputs(mask_logits: torch.Tensor, class_probs: torch.Tensor, 
 def upsample_probs(mask_logits: torch.Tensor, image_size) -> torch.Tensor:
     """fp32 [Q, H, W]: bilinear (align_corners=False) resize of sigmoid(mask_logits) computed in fp32,
     exactly as `FAIMaskFormer.forward` and `fai_mf.postprocess.upsample_mask_probs`."""
+    if mask_logits.shape[0] == 0:  # F.interpolate refuses empty inputs
+        return mask_logits.new_zeros((0, *image_size), dtype=torch.float32)
     probs = mask_logits.float().sigmoid()[None]
     return F.interpolate(probs, size=tuple(image_size), mode="bilinear", align_corners=False)[0]
 
@@ -476,3 +512,60 @@ encode_png_crops.register("cpp", encode_png_crops_cpp, devices=("cpu",), dtypes=
                           description="C++ PNG writer, zlib when the build found it (csrc/encode.cpp)")
 
 dispatch.register_aot_provider("mask_postprocess", "mf_kernels.mask_postprocess_triton:aot_specs")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Roofline (python -m mf_kernels.roofline)
+
+# FLOPs per output pixel and query, counted as: bilinear 9 (6 mul, 3 add); sigmoid of the 4 taps 12
+# (exp, add, divide each); threshold, area, prob sum and 4 box updates 7. The ownership argmax adds a
+# multiply and a compare; the semantic argmax interpolates class maps (no sigmoid) and compares.
+FLOPS_BILINEAR, FLOPS_SIGMOID_TAPS, FLOPS_STATS, FLOPS_ARGMAX = 9, 12, 7, 2
+
+
+def roofline_rows() -> list:
+    """Bytes and FLOPs of each post-processing kernel at POSTPROCESS_SHAPES, next to the reference path.
+
+    `bytes` is the minimum traffic (inputs read once, outputs written once); `kernel_bytes` adds what the
+    plan moves on top (partials of the two-stage reduction; the owner map read once more for the stats).
+    The reference row is the unfused path the fused kernels replace: all Q masks upsampled to fp32 at
+    image size (written, read to threshold), the bool masks written and read: >= 9 bytes per pixel-query.
+    """
+    from .roofline import Row
+
+    rows = []
+    coco, ade = POSTPROCESS_SHAPES
+    h, w = coco.logits_hw
+    pixels = coco.height * coco.width
+    bits = coco.kept * coco.height * bits_row_bytes(coco.width)
+    outputs = coco.kept * (8 + 16 + 4)
+    partials = coco.kept * -(-coco.height // 4) * 24 * 2
+    for dtype, size in (("float16", 2), ("float32", 4)):
+        logits = coco.kept * h * w * size
+        rows.append(Row("mask_postprocess/stats", f"{coco.name}, threshold", dtype, logits + bits + outputs,
+                        coco.kept * pixels * (FLOPS_BILINEAR + FLOPS_SIGMOID_TAPS + FLOPS_STATS),
+                        logits + bits + outputs + partials))
+        all_logits = coco.queries * h * w * size
+        owner_maps = pixels * (4 + 4)
+        rows.append(Row("mask_postprocess/owner", f"{coco.name}, all {coco.queries} queries", dtype,
+                        all_logits + owner_maps,
+                        coco.queries * pixels * (FLOPS_BILINEAR + FLOPS_SIGMOID_TAPS + FLOPS_ARGMAX)))
+    rows.append(Row("mask_postprocess/stats", f"{coco.name}, ownership", "float32", pixels * 4 + bits + outputs,
+                    coco.kept * pixels * FLOPS_STATS, pixels * 8 + bits + outputs + partials))
+    rows.append(Row("mask_postprocess/reference", f"{coco.name}, all {coco.queries} upsampled", "float32",
+                    coco.queries * (h * w * 4 + pixels * 9),
+                    coco.queries * pixels * (FLOPS_BILINEAR + FLOPS_STATS)))
+    h, w = ade.logits_hw
+    pixels = ade.height * ade.width
+    rows.append(Row("semantic_label_map/class_maps", f"{ade.name}, GEMM C={ade.classes}", "float32",
+                    ade.queries * h * w * 4 + ade.queries * ade.classes * 4 + ade.classes * h * w * 4,
+                    2 * ade.queries * ade.classes * h * w + ade.queries * h * w * 3))
+    rows.append(Row("semantic_label_map/argmax", f"{ade.name}, C={ade.classes}", "float32",
+                    ade.classes * h * w * 4 + pixels * 8, pixels * ade.classes * (FLOPS_BILINEAR + FLOPS_ARGMAX)))
+    rows.append(Row("semantic_label_map/reference", f"{ade.name}, full-size einsum", "float32",
+                    ade.queries * pixels * 4 * 2 + ade.classes * pixels * 4 * 2 + pixels * 8,
+                    2 * ade.queries * ade.classes * pixels))
+    return rows
+
+
+dispatch.register_roofline_provider("mask_postprocess", "mf_kernels.mask_postprocess:roofline_rows")

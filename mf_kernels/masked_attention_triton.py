@@ -39,7 +39,7 @@ from .masked_attention import MAX_QUERIES, SUPPORTED_HEAD_DIMS, check_inputs
 INTERPRETED = dispatch.interpreter_requested()
 LOG2E = 1.4426950408889634
 T4_SM_COUNT = 40  # used for the split count when there is no GPU to ask (interpreter, AOT)
-PROGRAMS_PER_SM = 4  # splits target this many attention programs per SM (4 warps each: 16 warps/SM)
+PROGRAMS_PER_SM = 4  # splits target this many attention programs per SM (4-8 warps each)
 MIN_KEYS_PER_SPLIT = 128  # 4 x head dim 32: the partial acc of a split is at most 1/4 of its scores
 BITS_WORDS = 16  # 32-bit words of the bit mask written per iteration of `_attend_bits_kernel`
 COMBINE_BLOCK_Q = 16
@@ -332,6 +332,9 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.T
 def masked_cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor,
                                   num_heads: int) -> torch.Tensor:
     """q [B, Q, D], k and v [B, HW, D], mask_logits [B, Q, HW] -> [B, Q, D] in q's dtype (see module doc)."""
+    if q.shape[0] == 0 or q.shape[1] == 0:  # nothing to launch (a zero-size grid is an error)
+        check_triton_inputs(q, k, v, mask_logits, num_heads)
+        return q.new_empty(q.shape)
     launches, out = plan(q, k, v, mask_logits, num_heads)
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):

@@ -356,6 +356,21 @@ def test_registered_backends_and_t4_decision():
     floors = fpn.t4_lateral_floors([s for s in FPN_SHAPES if s.model == "fai-mf-s-coco-ins"])
     assert floors["wmma-fused"] < floors["cudnn+add"] < floors["triton-fma"]  # what the decision rests on
     assert "WMMA" in decision and "us" in decision
+    assert "WMMA" in fpn.fpn_lateral_upsample_add.implementations["cuda"].description
+
+
+@pytest.mark.parametrize("capability,dtype,deferred", [((7, 5), torch.float16, True), ((7, 5), torch.float32, False),
+                                                       ((8, 0), torch.float16, False)])
+def test_auto_on_t4_defers_the_fp16_lateral_op_to_the_wmma_kernel(monkeypatch, capability, dtype, deferred):
+    """No GPU here: fake a device of `capability` whose CUDA extension can run, and ask triton's check."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(fpn.fpn_lateral_upsample_add.implementations["cuda"], "environment", lambda device_type: [])
+    inputs = mf_kernels.dispatch.make_inputs("cuda", dtype, numel=0, grad=False)
+    with mf_kernels.use("auto"):
+        reasons = fpn._triton_lateral_check(inputs)
+    assert bool(reasons) == deferred and (not deferred or "WMMA" in reasons[0])
+    with mf_kernels.use("triton"):  # named: triton always runs (cuDNN conv + its fused add on sm_75)
+        assert fpn._triton_lateral_check(inputs) == []
 
 
 def test_roofline_rows_at_the_model_shapes():

@@ -118,6 +118,11 @@ def test_triton_row_whose_only_open_key_is_in_the_last_split():
     assert_parity(out, masked_cross_attention_ref, q, k, v, logits, 8)
 
 
+def test_triton_with_no_queries_launches_nothing():
+    q, k, v, logits = masked_attention_inputs(1, 0, 5)
+    assert triton_backend()(q, k, v, logits, 8).shape == (1, 0, 256)
+
+
 def test_triton_refuses_what_it_cannot_run():
     run = triton_backend()
     q, k, v, logits = masked_attention_inputs(1, 3, 8, dim=48, heads=1)
