@@ -7,6 +7,11 @@
 // then every output row from two of them gives the same expression in the same order as PyTorch, and
 // visits pixels in RLE order, so the runs are counted on the fly.
 //
+// Work skipped, exactly: a bilinear value lies between the min and max of its taps. Threshold mode skips
+// output columns, and rows within a column, whose taps are all below the threshold; the ownership map and
+// the semantic argmax only interpolate, per low-res cell, the queries / classes whose corner max reaches
+// the best corner min (usually 1-3 of 100 or 150). A small relative margin covers float rounding.
+//
 // Parallelism: ATen's parallel_for (torch's OpenMP runtime and thread count, so torch.set_num_threads
 // applies): over queries in threshold mode, over output columns for the ownership map, over output rows
 // for the semantic label map.
@@ -132,12 +137,21 @@ MaskStats mask_stats_cpu(const at::Tensor& logits, int64_t H, int64_t W, double 
   const float* P = probs.data_ptr<float>();
   const std::vector<MfLinearTap> ty = linear_taps(h, H), tx = linear_taps(w, W);
   const float thr = (float)thr_d;  // the reference compares fp32 probabilities with an fp32 threshold
+  const float skip_below = thr / (1.f + kSkipMargin);  // a value whose taps are all below this is below thr
+  // Output rows that read low-res row iy or a later one / iy or an earlier one (taps are monotone in y).
+  std::vector<int64_t> first_row_at_or_after(h, H), last_row_at_or_before(h, -1);
+  for (int64_t y = H - 1; y >= 0; --y) first_row_at_or_after[ty[y].i1] = y;
+  for (int64_t iy = h - 2; iy >= 0; --iy)
+    first_row_at_or_after[iy] = std::min(first_row_at_or_after[iy], first_row_at_or_after[iy + 1]);
+  for (int64_t y = 0; y < H; ++y) last_row_at_or_before[ty[y].i0] = y;
+  for (int64_t iy = 1; iy < h; ++iy)
+    last_row_at_or_before[iy] = std::max(last_row_at_or_before[iy], last_row_at_or_before[iy - 1]);
   std::vector<QueryOut> outs(K);
 
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> col(h), colmax(w);
-    std::vector<uint8_t> mask_cm(want_crops ? H * W : 0);  // column-major bits of the current query
-    std::vector<uint8_t> computed(want_crops ? W : 0);     // columns written to mask_cm
+    std::vector<uint8_t> mask_cm(want_crops ? H * W : 0);  // column-major mask of the current query
+    std::vector<int64_t> lo(W), hi(W);                     // rows of column x evaluated: [lo, hi]
     for (int64_t k = begin; k < end; ++k) {
       const float* p = P + k * h * w;
       for (int64_t ix = 0; ix < w; ++ix) colmax[ix] = kNegInf;
@@ -148,17 +162,34 @@ MaskStats mask_stats_cpu(const at::Tensor& logits, int64_t H, int64_t W, double 
       for (int64_t x = 0; x < W; ++x) {
         const MfLinearTap t = tx[x];
         const int64_t col_start = x * H;
-        if (std::max(colmax[t.i0], colmax[t.i1]) * (1.f + kSkipMargin) < thr) {  // no foreground here
+        lo[x] = 0;
+        hi[x] = -1;
+        if (std::max(colmax[t.i0], colmax[t.i1]) < skip_below) {  // no foreground in this column
           if (want_rle) runs.at(false, col_start);
-          if (want_crops) computed[x] = 0;
           continue;
         }
-        for (int64_t iy = 0; iy < h; ++iy) col[iy] = p[iy * w + t.i0] * t.l0 + p[iy * w + t.i1] * t.l1;
+        int64_t iy_lo = h, iy_hi = -1;
+        for (int64_t iy = 0; iy < h; ++iy) {
+          col[iy] = p[iy * w + t.i0] * t.l0 + p[iy * w + t.i1] * t.l1;
+          if (col[iy] >= skip_below) {
+            iy_lo = std::min(iy_lo, iy);
+            iy_hi = iy;
+          }
+        }
+        if (iy_hi < 0) {
+          if (want_rle) runs.at(false, col_start);
+          continue;
+        }
+        // Only rows with a tap in [iy_lo, iy_hi] can reach thr; the rest of the column is 0.
+        const int64_t y_lo = first_row_at_or_after[iy_lo], y_hi = last_row_at_or_before[iy_hi];
+        lo[x] = y_lo;
+        hi[x] = y_hi;
+        if (want_rle && y_lo > 0) runs.at(false, col_start);
         int32_t ya = -1, yb = -1;
         int64_t area = 0;
         double sum = 0.0;
         uint8_t* mcol = want_crops ? mask_cm.data() + col_start : nullptr;
-        for (int64_t y = 0; y < H; ++y) {
+        for (int64_t y = y_lo; y <= y_hi; ++y) {
           const MfLinearTap s = ty[y];
           const float v = col[s.i0] * s.l0 + col[s.i1] * s.l1;
           const bool fg = strict ? v > thr : v >= thr;
@@ -171,7 +202,7 @@ MaskStats mask_stats_cpu(const at::Tensor& logits, int64_t H, int64_t W, double 
             sum += v;
           }
         }
-        if (want_crops) computed[x] = 1;
+        if (want_rle && y_hi + 1 < H) runs.at(false, col_start + y_hi + 1);
         if (area) {
           o.area += area;
           o.prob_sum += sum;
@@ -187,9 +218,8 @@ MaskStats mask_stats_cpu(const at::Tensor& logits, int64_t H, int64_t W, double 
         o.crop.assign(ch * cw, 0);
         for (int64_t c = 0; c < cw; ++c) {
           const int64_t x = o.box.x1 + c;
-          if (!computed[x]) continue;
-          const uint8_t* mcol = mask_cm.data() + x * H + o.box.y1;
-          for (int64_t r = 0; r < ch; ++r) o.crop[r * cw + c] = mcol[r];
+          const int64_t r_lo = std::max(lo[x], (int64_t)o.box.y1), r_hi = std::min(hi[x], (int64_t)o.box.y2);
+          for (int64_t y = r_lo; y <= r_hi; ++y) o.crop[(y - o.box.y1) * cw + c] = mask_cm[x * H + y];
         }
       }
     }
@@ -229,24 +259,55 @@ MaskStats owner_stats_cpu(const at::Tensor& logits, const at::Tensor& scores, co
   std::vector<int32_t> owner(H * W);  // column-major
   std::vector<float> owner_prob(H * W);
 
+  // Pruning, exact: inside the low-res cell between taps (iy, iy + 1) x (ix, ix + 1) every bilinear value
+  // of query q lies between the min and max of its 4 corners, so q can only win a pixel of the cell if
+  // scores[q] * max4 reaches L = max_r scores[r] * min4_r (less a rounding margin). Typically 1-3 of the
+  // Q queries are candidates; only they are interpolated, in ascending q (ties keep the lowest q).
+  const float tie_margin = 2e-5f;
   at::parallel_for(0, W, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> colh(h * Q);
+    std::vector<float> lower(Q), upper(Q);
+    std::vector<int32_t> cand;           // candidates of the cells of low-res column `cached`, by row
+    std::vector<int64_t> cand_start(h + 1);
+    int64_t cached = -1;
     for (int64_t x = begin; x < end; ++x) {
       const MfLinearTap t = tx[x];
-      for (int64_t iy = 0; iy < h; ++iy) {
-        const float* a = P + (iy * w + t.i0) * Q;
-        const float* b = P + (iy * w + t.i1) * Q;
-        float* c = colh.data() + iy * Q;
-        for (int64_t q = 0; q < Q; ++q) c[q] = a[q] * t.l0 + b[q] * t.l1;
+      if (t.i0 != cached) {
+        cached = t.i0;
+        cand.clear();
+        const int64_t ix1 = std::min<int64_t>(t.i0 + 1, w - 1);
+        for (int64_t iy = 0; iy < h; ++iy) {
+          const int64_t iy1 = std::min<int64_t>(iy + 1, h - 1);
+          const float* a = P + (iy * w + t.i0) * Q;
+          const float* b = P + (iy * w + ix1) * Q;
+          const float* c = P + (iy1 * w + t.i0) * Q;
+          const float* d = P + (iy1 * w + ix1) * Q;
+          for (int64_t q = 0; q < Q; ++q) {
+            const float mn = std::min(std::min(a[q], b[q]), std::min(c[q], d[q]));
+            const float mx = std::max(std::max(a[q], b[q]), std::max(c[q], d[q]));
+            lower[q] = std::min(S[q] * mn, S[q] * mx);  // a negative score flips the bounds
+            upper[q] = std::max(S[q] * mn, S[q] * mx);
+          }
+          float best_lower = kNegInf;
+          for (int64_t q = 0; q < Q; ++q) best_lower = std::max(best_lower, lower[q]);
+          const float cut = best_lower - std::fabs(best_lower) * tie_margin;
+          cand_start[iy] = (int64_t)cand.size();
+          for (int64_t q = 0; q < Q; ++q)
+            if (upper[q] >= cut) cand.push_back((int32_t)q);
+        }
+        cand_start[h] = (int64_t)cand.size();
       }
       for (int64_t y = 0; y < H; ++y) {
         const MfLinearTap s = ty[y];
-        const float* a = colh.data() + s.i0 * Q;
-        const float* b = colh.data() + s.i1 * Q;
+        const float* r0 = P + s.i0 * w * Q;
+        const float* r1 = P + s.i1 * w * Q;
         float best = kNegInf, best_p = 0.f;
         int32_t best_q = (int32_t)Q;
-        for (int64_t q = 0; q < Q; ++q) {
-          const float pq = a[q] * s.l0 + b[q] * s.l1;
+        for (int64_t i = cand_start[s.i0]; i < cand_start[s.i0 + 1]; ++i) {
+          const int64_t q = cand[i];
+          // PyTorch's order: l0y * (l0x * a + l1x * b) + l1y * (l0x * c + l1x * d)
+          const float top = r0[t.i0 * Q + q] * t.l0 + r0[t.i1 * Q + q] * t.l1;
+          const float bottom = r1[t.i0 * Q + q] * t.l0 + r1[t.i1 * Q + q] * t.l1;
+          const float pq = top * s.l0 + bottom * s.l1;
           const float v = S[q] * pq;
           if (v > best) {  // strict: ties keep the lowest q; NaN never wins
             best = v;
@@ -327,25 +388,56 @@ at::Tensor semantic_label_map_cpu(const at::Tensor& logits, const at::Tensor& cl
   at::Tensor labels = at::empty({H, W}, at::kLong);
   int64_t* L = labels.data_ptr<int64_t>();
 
+  // Same exact pruning as the ownership map: in the low-res cell between taps (iy, iy + 1) x (ix, ix + 1)
+  // the interpolated score of class c lies between the min and max of its 4 corners, so only classes whose
+  // max reaches the best min (less a rounding margin) can win there; they are tried in ascending c.
+  const float tie_margin = 2e-5f;
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(w * C), v(C);
+    std::vector<float> lower(C), upper(C);
+    std::vector<int32_t> cand;  // candidates of the cells of low-res row `cached`, by column
+    std::vector<int64_t> cand_start(w + 1);
+    int64_t cached = -1;
     for (int64_t y = begin; y < end; ++y) {
       const MfLinearTap s = ty[y];
-      const float* a = M + s.i0 * w * C;
-      const float* b = M + s.i1 * w * C;
-      for (int64_t i = 0; i < w * C; ++i) row[i] = a[i] * s.l0 + b[i] * s.l1;
+      if (s.i0 != cached) {
+        cached = s.i0;
+        cand.clear();
+        const int64_t iy1 = std::min<int64_t>(s.i0 + 1, h - 1);
+        for (int64_t ix = 0; ix < w; ++ix) {
+          const int64_t ix1 = std::min<int64_t>(ix + 1, w - 1);
+          const float* a = M + (s.i0 * w + ix) * C;
+          const float* b = M + (s.i0 * w + ix1) * C;
+          const float* c = M + (iy1 * w + ix) * C;
+          const float* d = M + (iy1 * w + ix1) * C;
+          for (int64_t k = 0; k < C; ++k) {
+            lower[k] = std::min(std::min(a[k], b[k]), std::min(c[k], d[k]));
+            upper[k] = std::max(std::max(a[k], b[k]), std::max(c[k], d[k]));
+          }
+          float best_lower = kNegInf;
+          for (int64_t k = 0; k < C; ++k) best_lower = std::max(best_lower, lower[k]);
+          const float cut = best_lower - std::fabs(best_lower) * tie_margin;
+          cand_start[ix] = (int64_t)cand.size();
+          for (int64_t k = 0; k < C; ++k)
+            if (upper[k] >= cut) cand.push_back((int32_t)k);
+        }
+        cand_start[w] = (int64_t)cand.size();
+      }
+      const float* r0 = M + s.i0 * w * C;
+      const float* r1 = M + s.i1 * w * C;
       for (int64_t x = 0; x < W; ++x) {
         const MfLinearTap t = tx[x];
-        const float* ra = row.data() + t.i0 * C;
-        const float* rb = row.data() + t.i1 * C;
-        for (int64_t c = 0; c < C; ++c) v[c] = ra[c] * t.l0 + rb[c] * t.l1;
         int64_t best_c = 0;
-        float best = v[0];
-        for (int64_t c = 1; c < C; ++c)
-          if (v[c] > best) {  // ties keep the lowest class, as torch.argmax
-            best = v[c];
-            best_c = c;
+        float best = kNegInf;
+        for (int64_t i = cand_start[t.i0]; i < cand_start[t.i0 + 1]; ++i) {
+          const int64_t k = cand[i];
+          const float top = r0[t.i0 * C + k] * t.l0 + r0[t.i1 * C + k] * t.l1;
+          const float bottom = r1[t.i0 * C + k] * t.l0 + r1[t.i1 * C + k] * t.l1;
+          const float v = top * s.l0 + bottom * s.l1;
+          if (v > best) {  // ties keep the lowest class, as torch.argmax
+            best = v;
+            best_c = k;
           }
+        }
         L[y * W + x] = best_c;
       }
     }

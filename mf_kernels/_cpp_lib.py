@@ -97,7 +97,9 @@ def _load_prebuilt() -> ModuleType | None:
 
 def _first_error_lines(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
-    errors = [i for i, line in enumerate(lines) if "error" in line.lower()]
+    # The compiler's "file:line: error: ..." first; torch's own "Error building extension" only as a fallback.
+    errors = ([i for i, line in enumerate(lines) if "error:" in line.lower()]
+              or [i for i, line in enumerate(lines) if "error" in line.lower()])
     start = max(0, errors[0] - 2) if errors else 0
     return "\n".join(lines[start:start + LOG_HEAD_LINES])
 

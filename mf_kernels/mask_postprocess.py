@@ -133,6 +133,19 @@ def make_mask_logits(queries: int, h: int, w: int, dtype: torch.dtype = torch.fl
     return torch.stack(rows).to(dtype)
 
 
+def make_class_probs(queries: int, classes: int, kept: int, seed: int = 0) -> torch.Tensor:
+    """Seeded class probabilities [Q, C] (softmax over C + 1 with a no-object column, as FAI-MF's):
+    `kept` queries spread over Q have one confident class (max prob about 0.6-0.99), the others are
+    no-object (max prob below 0.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(queries, classes + 1, generator=gen)
+    logits[:, classes] += 6.0  # no-object wins by default
+    confident = torch.linspace(0, queries - 1, kept).round().long() if kept else torch.zeros(0, dtype=torch.long)
+    labels = torch.randint(classes, (kept,), generator=gen)
+    logits[confident, labels] += 7.0 + 4.0 * torch.rand(kept, generator=gen)
+    return logits.softmax(-1)[:, :classes]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checks
 
@@ -512,6 +525,70 @@ encode_png_crops.register("cpp", encode_png_crops_cpp, devices=("cpu",), dtypes=
                           description="C++ PNG writer, zlib when the build found it (csrc/encode.cpp)")
 
 dispatch.register_aot_provider("mask_postprocess", "mf_kernels.mask_postprocess_triton:aot_specs")
+
+
+# ----------------------------------------------------------------------------------------------------
+# SPEC §3 on top of the ops: one image's kept queries with their encoded masks
+
+
+@dataclass
+class KeptQueries:
+    """The kept queries of one image, in query order (K of them), as SPEC §3 selects them.
+
+    indices, classes: int64 [K]; scores: fp32 [K] final scores; boxes: int32 [K, 4] inclusive
+    [x1, y1, x2, y2]; areas: int64 [K]; masks: K strings (`FocoosDet.mask`: base64 PNG of the box crop,
+    or the JSON of a COCO compressed RLE) or None when no mask_format was asked. CPU tensors.
+    """
+
+    indices: torch.Tensor
+    classes: torch.Tensor
+    scores: torch.Tensor
+    boxes: torch.Tensor
+    areas: torch.Tensor
+    masks: list[str] | None
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+def detections_from_logits(mask_logits: torch.Tensor, class_probs: torch.Tensor, image_size, *,
+                           threshold: float = 0.5, mask_threshold: float = 0.5, predict_all_pixels: bool = False,
+                           use_mask_score: bool = False, mask_format: str | None = "png") -> KeptQueries:
+    """SPEC §3 for one image, from the stride-4 mask logits [Q, h, w] and class probs [Q, C], through the
+    dispatched ops (so `mf_kernels.use(...)` / $MF_KERNELS pick the backend).
+
+    Same result as `fai_mf.postprocess.postprocess_reference` + `fai_mf.formats.encode_mask` up to float
+    rounding, without full-size float masks: score, class = max over classes; only queries whose class
+    score exceeds `threshold` can survive (the mask score is a mean of probabilities, at most 1), so only
+    they are expanded (in ownership mode every query still competes for the pixels); keep area > 1;
+    with use_mask_score multiply by the mean prob inside the mask; keep score > threshold (strict).
+    """
+    import base64
+    import json
+
+    size = check_inputs(mask_logits, image_size)
+    if mask_format not in (None, "png", "rle"):
+        raise ValueError(f"mask_format must be 'png', 'rle' or None, got {mask_format!r}")
+    scores, classes = class_probs.float().max(-1)
+    candidates = torch.nonzero(scores > threshold).flatten()
+    want_rle, want_crops = mask_format == "rle", mask_format == "png"
+    if predict_all_pixels:
+        stats = mask_postprocess(mask_logits, size, scores=scores, queries=candidates, rle=want_rle, crops=want_crops)
+    else:
+        stats = mask_postprocess(mask_logits, size, mask_threshold, queries=candidates, rle=want_rle, crops=want_crops)
+    final = scores[candidates] * stats.mask_scores().to(scores.device) if use_mask_score else scores[candidates]
+    keep = ((stats.areas.to(final.device) > 1) & (final > threshold)).cpu()
+    kept = keep.nonzero().flatten().tolist()
+    masks = None
+    if want_rle:
+        strings = encode_rle_strings([stats.rle_counts[k] for k in kept])
+        masks = [json.dumps({"size": list(size), "counts": s}) for s in strings]
+    elif want_crops:
+        masks = [base64.b64encode(png).decode("ascii") for png in encode_png_crops([stats.crops[k] for k in kept])]
+    indices = candidates.cpu()[keep]
+    return KeptQueries(indices=indices, classes=classes.cpu()[indices], scores=final.cpu()[keep],
+                       boxes=stats.boxes.cpu()[keep], areas=stats.areas.cpu()[keep], masks=masks, image_size=size)
 
 
 # ----------------------------------------------------------------------------------------------------

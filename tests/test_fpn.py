@@ -364,6 +364,7 @@ def test_registered_backends_and_t4_decision():
 def test_auto_on_t4_defers_the_fp16_lateral_op_to_the_wmma_kernel(monkeypatch, capability, dtype, deferred):
     """No GPU here: fake a device of `capability` whose CUDA extension can run, and ask triton's check."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(fpn.fpn_lateral_upsample_add.implementations["cuda"], "environment", lambda device_type: [])
     inputs = mf_kernels.dispatch.make_inputs("cuda", dtype, numel=0, grad=False)
     with mf_kernels.use("auto"):
