@@ -92,7 +92,22 @@ def format_report() -> str:
         if i > 1 and row[0] != rows[i - 1][0]:
             lines.append("")
         lines.append("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+    lines += ["", "what each implementation is (and, where a device needs a choice, why):"]
+    lines += descriptions()
     return "\n".join(lines)
+
+
+def descriptions() -> list[str]:
+    """One line per registered implementation with a description (what it is, and decisions such as the
+    T4 path of the FPN lateral op with the roofline numbers behind it)."""
+    out = []
+    for name in sorted(dispatch.OPS):
+        op = dispatch.OPS[name]
+        for backend in dispatch.BACKENDS:
+            impl = op.implementations.get(backend)
+            if impl is not None and impl.description:
+                out.append(f"  {name} [{backend}]: {impl.description}")
+    return out
 
 
 def main() -> int:
