@@ -40,6 +40,9 @@ std::vector<at::Tensor> crops_from_bits(const at::Tensor& bits, const at::Tensor
 
 // COCO compressed RLE string of run lengths (int64 [N]), byte-identical to pycocotools' rleToString.
 std::string rle_string(const at::Tensor& counts);
+// COCO run lengths / compressed RLE string of a dense bool/uint8 [H, W] mask (row- or column-major).
+std::vector<int64_t> rle_counts_dense(const at::Tensor& mask);
+std::string rle_encode(const at::Tensor& mask);
 // 8-bit grayscale PNG (0 / 255) of a bool/uint8 [h, w] mask (nonzero = foreground), h, w >= 1.
 std::string png_encode(const at::Tensor& mask);
 // Whether png_encode compresses with zlib (else it writes stored deflate blocks).

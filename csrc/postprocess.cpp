@@ -117,7 +117,7 @@ MaskStats pack_outputs(std::vector<QueryOut>& outs, bool want_rle, bool want_cro
     if (want_crops) {
       const int64_t ch = empty ? 0 : o.box.y2 - o.box.y1 + 1, cw = empty ? 0 : o.box.x2 - o.box.x1 + 1;
       at::Tensor c = at::empty({ch, cw}, at::kBool);
-      if (ch * cw) std::memcpy(c.data_ptr<bool>(), o.crop.data(), ch * cw);
+      if (ch * cw > 0) std::memcpy(c.data_ptr<bool>(), o.crop.data(), ch * cw);
       crops.push_back(c);
     }
   }

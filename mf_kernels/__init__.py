@@ -15,14 +15,14 @@ from .dispatch import (BACKENDS, CHOICES, OPS, NotSupportedError, attach, attach
                        use)
 from .fpn import (fold_batchnorm, fpn_lateral_upsample_add, fpn_lateral_upsample_add_ref, fpn_upsample_add,
                   fpn_upsample_add_ref)
-from .mask_postprocess import (MaskStats, encode_png_crops, encode_rle_strings, mask_postprocess, mask_postprocess_ref,
-                               semantic_label_map, semantic_label_map_ref)
+from .mask_postprocess import (MaskStats, encode_png_crops, encode_rle_masks, encode_rle_strings, mask_postprocess,
+                               mask_postprocess_ref, semantic_label_map, semantic_label_map_ref)
 from .masked_attention import masked_cross_attention, masked_cross_attention_ref
 
 __all__ = [
     "BACKENDS", "CHOICES", "OPS", "NotSupportedError", "attach", "attached", "clear_caches", "current_choice",
     "dispatch", "fold_batchnorm", "fpn_lateral_upsample_add", "fpn_lateral_upsample_add_ref", "fpn_upsample_add",
     "fpn_upsample_add_ref", "masked_cross_attention", "masked_cross_attention_ref", "use",
-    "MaskStats", "encode_png_crops", "encode_rle_strings", "mask_postprocess", "mask_postprocess_ref",
+    "MaskStats", "encode_png_crops", "encode_rle_masks", "encode_rle_strings", "mask_postprocess", "mask_postprocess_ref",
     "semantic_label_map", "semantic_label_map_ref",
 ]

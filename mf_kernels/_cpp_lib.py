@@ -76,7 +76,7 @@ def _check_build_info(module: ModuleType, origin: str) -> None:
     if built_for != _torch_version():
         raise StaleBuildError(f"{origin} was built for torch {built_for}, this is torch {_torch_version()}; "
                               "rebuild it (pip install --no-build-isolation -e . or python -m mf_kernels.build)")
-    current = build.sources_hash()
+    current = build.sources_hash(bool(info.get("with_cuda")))
     if current and info.get("sources_hash") != current:
         raise StaleBuildError(f"{origin} was built from other sources (csrc/ hash {info.get('sources_hash')}, now "
                               f"{current})")
@@ -116,9 +116,10 @@ def _jit_build() -> ModuleType:
     if not is_ninja_available():
         raise MissingCompilerError("no prebuilt mf_kernels._C and no ninja to build one (pip install ninja)")
     logger.info("mf_kernels: building the C++ extension (JIT, once) in %s", build.jit_build_dir())
-    # Two attempts: a process that finds another one building in the same directory waits for it and
-    # loads its result, which may come from other sources (csrc/ edited meanwhile); the second attempt
-    # then builds the current sources (torch gives the changed build a new module name).
+    # A process that finds another one building in the same directory waits for it and loads its result,
+    # which may come from other sources (csrc/ edited meanwhile): then build again, once (torch gives the
+    # changed build a new module name). If csrc/ still changed during that build, the module is as fresh
+    # as a build can be: use it and say so.
     for attempt in range(2):
         try:
             module = build.jit_build(verbose=os.environ.get("MF_KERNELS_BUILD_VERBOSE", "0") == "1")
@@ -131,9 +132,10 @@ def _jit_build() -> ModuleType:
         try:
             _check_build_info(module, f"the JIT build in {build.jit_build_dir()}")
             return module
-        except StaleBuildError:
+        except StaleBuildError as exc:
             if attempt:
-                raise
+                _notes.append(f"{exc} (csrc/ changed while it was being built; using it)")
+                return module
     raise AssertionError("unreachable")
 
 

@@ -6,6 +6,7 @@ Ops (run by the backend `mf_kernels.dispatch` picks; every one has the PyTorch r
                              strict=False, rle=False, crops=False)          # -> MaskStats
     labels = semantic_label_map(mask_logits, class_probs, image_size)       # -> int64 [H, W]
     strings = encode_rle_strings(stats.rle_counts)                          # -> list[str] (COCO compressed)
+    strings = encode_rle_masks(dense_masks)                                 # -> list[str], from [H, W] masks
     pngs = encode_png_crops(stats.crops)                                    # -> list[bytes] (8-bit PNG files)
 
 Semantics (equal to `fai_mf.postprocess` up to float rounding). With p_q = bilinear resize to
@@ -33,6 +34,14 @@ same split as triton). The encoders have a reference (Python/Pillow) and a cpp i
 
 Outputs of the GPU backends: areas, boxes, prob_sums stay on the device; rle_counts and crops are CPU
 tensors (they are built on the host from one copy of the bit masks).
+
+On top of the ops, `detections_from_logits(mask_logits, class_probs, image_size, threshold=,
+mask_threshold=, predict_all_pixels=, use_mask_score=, mask_format="png"|"rle"|None) -> KeptQueries` is
+SPEC §3 for one image (what `fai_mf.predict` needs: kept queries in order, classes, final scores, boxes,
+and `FocoosDet.mask` strings), equal to fai_mf's reference path up to float rounding.
+
+Note: `mf_kernels.mask_postprocess` (the package attribute) is the dispatched op; this module is
+`sys.modules["mf_kernels.mask_postprocess"]` (`from mf_kernels.mask_postprocess import X` works).
 """
 from __future__ import annotations
 
@@ -299,6 +308,23 @@ def encode_rle_strings_ref(counts: list[torch.Tensor]) -> list[str]:
     return [compress_rle_ref(c) for c in counts]
 
 
+def _as_mask_tensors(masks) -> list[torch.Tensor]:
+    """Tensors of a list of bool/uint8 [H, W] tensors or numpy arrays (zero-copy; Fortran order kept)."""
+    out = []
+    for mask in masks:
+        tensor = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(mask)
+        if tensor.dim() != 2 or tensor.dtype not in (torch.bool, torch.uint8):
+            raise ValueError(f"encode_rle_masks: masks must be bool/uint8 [H, W], got {tuple(tensor.shape)} "
+                             f"{tensor.dtype}")
+        out.append(tensor.cpu())
+    return out
+
+
+def encode_rle_masks_ref(masks) -> list[str]:
+    """COCO compressed RLE strings of dense bool/uint8 [H, W] masks (tensors or numpy arrays)."""
+    return [compress_rle_ref(rle_counts_ref(m.bool())) for m in _as_mask_tensors(masks)]
+
+
 def encode_png_crops_ref(crops: list[torch.Tensor]) -> list[bytes]:
     """8-bit grayscale PNG files (0 / 255) of bool/uint8 [h, w] masks (h, w >= 1), with Pillow."""
     import io
@@ -349,6 +375,10 @@ def semantic_label_map_cpp(mask_logits: torch.Tensor, class_probs: torch.Tensor,
 
 def encode_rle_strings_cpp(counts: list[torch.Tensor]) -> list[str]:
     return [s.decode("ascii") for s in _extension().rle_strings(list(counts))]
+
+
+def encode_rle_masks_cpp(masks) -> list[str]:
+    return [s.decode("ascii") for s in _extension().rle_encode_many(_as_mask_tensors(masks))]
 
 
 def encode_png_crops_cpp(crops: list[torch.Tensor]) -> list[bytes]:
@@ -514,6 +544,15 @@ encode_rle_strings.register("reference", encode_rle_strings_ref, devices=("cpu",
                             description="Python loop")
 encode_rle_strings.register("cpp", encode_rle_strings_cpp, devices=("cpu",), dtypes=_HOST_DTYPES,
                             environment=dispatch.extension_environment, description="C++ (csrc/encode.cpp)")
+
+encode_rle_masks = dispatch.define_op("encode_rle_masks", encode_rle_masks_ref, _host_inputs_of)
+encode_rle_masks.__doc__ = """encode_rle_masks(masks: list of bool/uint8 [H, W] tensors or numpy arrays) -> list[str]:
+COCO compressed RLE strings of dense masks, byte-identical to pycocotools.mask.encode."""
+encode_rle_masks.register("reference", encode_rle_masks_ref, devices=("cpu",), dtypes=_HOST_DTYPES,
+                          description="PyTorch run lengths + Python string loop")
+encode_rle_masks.register("cpp", encode_rle_masks_cpp, devices=("cpu",), dtypes=_HOST_DTYPES,
+                          environment=dispatch.extension_environment,
+                          description="C++ row-major scan (memcmp of equal rows) or direct column-major scan")
 
 encode_png_crops = dispatch.define_op("encode_png_crops", encode_png_crops_ref, _host_inputs_of)
 encode_png_crops.__doc__ = """encode_png_crops(crops: list of bool/uint8 [h, w] tensors) -> list[bytes]: 8-bit

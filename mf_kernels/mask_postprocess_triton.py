@@ -20,11 +20,10 @@ decorated). Three kernels, none of which writes a float mask at image size:
 
 At the real shape (640², 20 kept queries, h = w = 160) kernel 1 reads about 20 · 160² logits (cached:
 each is read by ~16 output pixels) and writes 20 · 640 · 80 bytes of bits, instead of the reference's
-20 · 640² fp32 probabilities written and read back.
+100 · 640² fp32 probabilities written and read back (`python -m mf_kernels.roofline` has the numbers).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+from . import dispatch
+
+INTERPRETED = dispatch.interpreter_requested()  # read once, when the kernels below are decorated
 TL_DTYPES = {torch.float16: "fp16", torch.float32: "fp32"}
 
 STATS_BLOCK_H = 4  # rows per program: 640 / 4 = 160 programs per query, 3200 for 20 queries (40 SMs on a T4)

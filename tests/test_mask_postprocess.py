@@ -31,8 +31,9 @@ pycocotools_mask = pytest.importorskip("pycocotools.mask")
 NEAR = 1e-5
 BACKENDS = ("reference", "cpp", "triton")
 # (Q, h, w, H, W): odd sizes (not multiples of the 128-column / 4-row blocks, H and W not 4h and 4w),
-# Q = 1, exactly 4x, equal sizes (PyTorch's copy rule) and a downscale.
-SHAPES = [(5, 13, 17, 50, 67), (1, 7, 5, 27, 19), (4, 16, 16, 64, 64), (2, 10, 12, 10, 12), (2, 10, 12, 5, 7)]
+# Q = 1, exactly 4x, equal sizes (PyTorch's copy rule), a downscale, one-row / one-column maps.
+SHAPES = [(5, 13, 17, 50, 67), (1, 7, 5, 27, 19), (4, 16, 16, 64, 64), (2, 10, 12, 10, 12), (2, 10, 12, 5, 7),
+          (2, 1, 5, 3, 17), (3, 4, 1, 9, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,15 @@ def test_threshold_mode_parity(backend, dtype, shape, request):
         for k in range(q):  # no near-threshold pixel in these seeds: everything is equal
             if not (masks[k] ^ ref_masks[k]).any():
                 assert int(out.areas[k]) == int(ref.areas[k]) and torch.equal(out.boxes[k].cpu(), ref.boxes[k])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_bfloat16_logits(backend, request):
+    logits = mp.make_mask_logits(4, 9, 11, torch.bfloat16, seed=8)
+    ref = mp.mask_postprocess_ref(logits, (35, 41), 0.5, rle=True)
+    out = run_op(backend, request, logits, (35, 41), 0.5, rle=True)
+    assert torch.equal(out.areas, ref.areas) and torch.equal(out.boxes, ref.boxes)
+    assert all(torch.equal(a, b) for a, b in zip(out.rle_counts, ref.rle_counts))
 
 
 def test_reference_equals_fai_mf_postprocess():
@@ -288,9 +298,12 @@ def test_rle_strings_byte_identical_to_pycocotools(backend, request):
     logits = mp.make_mask_logits(6, 20, 25, seed=9)
     masks += [m.numpy() for m in mp.upsample_probs(logits, (77, 99)) >= 0.5]
     strings = encode([mp.rle_counts_ref(torch.from_numpy(m)) for m in masks])
-    for mask, string in zip(masks, strings):
+    encode_masks = mp.encode_rle_masks_cpp if backend == "cpp" else mp.encode_rle_masks_ref
+    from_tensors = encode_masks([torch.from_numpy(m) for m in masks])  # row-major bool
+    from_fortran = encode_masks([np.asfortranarray(m.astype(np.uint8)) for m in masks])  # column-major uint8
+    for mask, string, dense, fortran in zip(masks, strings, from_tensors, from_fortran):
         expected = pycocotools_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
-        assert string == expected, f"mask {mask.shape}"
+        assert string == expected == dense == fortran, f"mask {mask.shape}"
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
@@ -318,6 +331,42 @@ def test_png_rejects_empty_crop(request):
     for encode in (mp.encode_png_crops_ref, mp.encode_png_crops_cpp):
         with pytest.raises(ValueError, match="non-empty 2-D"):
             encode([torch.zeros(0, 0, dtype=torch.bool)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# SPEC §3 end to end: detections_from_logits vs fai_mf's reference predict path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["instance", "use_mask_score", "predict_all_pixels"])
+@pytest.mark.parametrize("mask_format", ["png", "rle"])
+def test_detections_match_fai_mf_reference(backend, mode, mask_format, request):
+    postprocess = pytest.importorskip("fai_mf.postprocess")
+    predict = pytest.importorskip("fai_mf.predict")
+    formats = pytest.importorskip("fai_mf.formats")
+    if backend == "cpp":
+        request.getfixturevalue("extension")
+    size = (45, 58)
+    logits = mp.make_mask_logits(12, 12, 15, seed=21, edge_rows=False)
+    class_probs = mp.make_class_probs(12, 7, kept=5, seed=21)
+    options = postprocess.PostprocessOptions(threshold=0.5, mask_threshold=0.5,
+                                             predict_all_pixels=mode == "predict_all_pixels",
+                                             use_mask_score=mode == "use_mask_score")
+    expected = predict.detections_from_raw(logits, class_probs, size, options, None, mask_format)
+    with mf_kernels.use(backend):
+        kept = mp.detections_from_logits(logits, class_probs, size, threshold=0.5, mask_threshold=0.5,
+                                         predict_all_pixels=options.predict_all_pixels,
+                                         use_mask_score=options.use_mask_score, mask_format=mask_format)
+    assert len(expected) >= 3, "the seeds should keep several queries"
+    assert kept.classes.tolist() == [d.cls_id for d in expected]  # same count, order and classes
+    for det, box, score, mask in zip(expected, kept.boxes.tolist(), kept.scores.tolist(), kept.masks):
+        assert max(abs(a - b) for a, b in zip(det.bbox, box)) <= 1
+        assert abs(det.conf - score) <= 1e-4
+        ours = formats.decode_mask(formats.FocoosDet(bbox=box, conf=score, cls_id=0, mask=mask), size)
+        theirs = formats.decode_mask(det, size)
+        assert (ours & theirs).sum() / (ours | theirs).sum() >= 0.999
+        if mask_format == "rle":
+            assert mask == det.mask or not np.array_equal(ours, theirs)  # same JSON string when masks agree
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ def run_fps(args: argparse.Namespace) -> int:
 def run_roofline(args: argparse.Namespace) -> int:
     from .roofline_model import format_model_roofline, model_roofline
 
-    report = model_roofline(args.model, resolution=args.resolution, device=args.device, measure=not args.no_measure)
+    report = model_roofline(args.model, resolution=args.resolution, device=args.device, measure=not args.no_measure,
+                            dtype=args.dtype)
     print(format_model_roofline(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -60,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     roof.add_argument("--model", default="fai-mf-s-coco-ins")
     roof.add_argument("--resolution", type=int, default=640)
     roof.add_argument("--device", default="t4", help="the roofline device (t4)")
+    roof.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="precision the T4 would run")
     roof.add_argument("--no-measure", action="store_true", help="do not time kernels even where a GPU is present")
     roof.add_argument("--json", default=None)
     roof.set_defaults(func=run_roofline)

@@ -252,31 +252,61 @@ def _shape_polygon(kind: int, cx: float, cy: float, r: float, angle: float) -> l
     return None
 
 
+def _draw_shape(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """bool [S, S] mask of one shape of class `kind` at a random place, size and rotation."""
+    r = float(rng.uniform(size / 9, size / 4.5))
+    cx, cy = rng.uniform(r, size - r, 2)
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    polygon = _shape_polygon(kind, cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
+    if polygon is None:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+    else:
+        draw.polygon(polygon, fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _contrasting_color(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random colour at least 80 (RGB distance) from the mean colour it covers, so no shape is invisible."""
+    below = image[mask].mean(0)
+    for _ in range(20):
+        color = rng.integers(0, 256, 3)
+        if np.linalg.norm(color - below) >= 80:
+            break
+    return color
+
+
 def synthetic_sample(size: int, rng: np.random.Generator, min_shapes: int = 1, max_shapes: int = 4,
-                     min_area: int = 30) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
-    """One image: (uint8 [S, S, 3], classes per instance, visible bool masks [S, S] per instance)."""
+                     min_area: int = 30, max_tries: int = 20) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+    """One image: (uint8 [S, S, 3], classes per instance, visible bool masks [S, S] per instance).
+
+    Shapes may overlap a little (a new shape covers at most 20% of its area of earlier ones, and
+    every earlier shape keeps at least 60% of its pixels) so that the class stays readable from
+    the visible outline; a shape with no such place in `max_tries` draws is left out.
+    """
     c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     t = np.linspace(0.0, 1.0, size)[None, :, None]
     background = (c0 * (1 - t) + c1 * t) * np.ones((size, 1, 1))
     image = np.clip(background + rng.normal(0, 6, (size, size, 3)), 0, 255)
-    classes, masks = [], []
+    classes, masks, full_areas = [], [], []
     for _ in range(int(rng.integers(min_shapes, max_shapes + 1))):
         kind = int(rng.integers(0, len(SYNTH_CLASSES)))
-        r = float(rng.uniform(size / 12, size / 5))
-        cx, cy = rng.uniform(r, size - r, 2)
-        canvas = Image.new("L", (size, size), 0)
-        draw = ImageDraw.Draw(canvas)
-        polygon = _shape_polygon(kind, cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
-        if polygon is None:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+        for _ in range(max_tries):
+            mask = _draw_shape(kind, size, rng)
+            covered = np.zeros_like(mask)
+            for m in masks:
+                covered |= m
+            area = mask.sum()
+            if (mask & covered).sum() <= 0.2 * area and all(
+                    (m & ~mask).sum() >= 0.6 * full for m, full in zip(masks, full_areas)):
+                break
         else:
-            draw.polygon(polygon, fill=1)
-        mask = np.asarray(canvas, dtype=bool)
-        color = rng.integers(0, 256, 3)
-        image[mask] = color
+            continue
+        image[mask] = _contrasting_color(image, mask, rng)
         masks = [m & ~mask for m in masks]  # later shapes occlude earlier ones
         classes.append(kind)
         masks.append(mask)
+        full_areas.append(area)
     keep = [i for i, m in enumerate(masks) if m.sum() >= min_area]
     return image.astype(np.uint8), [classes[i] for i in keep], [masks[i] for i in keep]
 

@@ -408,7 +408,8 @@ def run(args: argparse.Namespace) -> int:
         if args.eval_data:
             from .evaluate import evaluate, format_metrics
 
-            print(format_metrics(evaluate(model, args.eval_data, size=args.size)), flush=True)
+            for data in args.eval_data:
+                print(f"{data}: {format_metrics(evaluate(model, data, size=args.size))}", flush=True)
     distributed.cleanup()
     return 0
 
@@ -420,7 +421,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="COCO instances .json, or a folder with images/ and labels/")
     p.add_argument("--out", required=True, help="output model directory (focoos format)")
     p.add_argument("--name", default=None, help="model name in model_info.json (default: the --out folder's name)")
-    p.add_argument("--eval-data", default=None, help="evaluate on this dataset after training")
+    p.add_argument("--eval-data", nargs="+", default=None,
+                   help="after training, evaluate on these datasets (COCO json: segm AP; folder: mIoU)")
     p.add_argument("--config", default=None, help="JSON file of config fields overriding the model's")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="one config override (JSON value)")
     p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
