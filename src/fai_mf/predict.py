@@ -2,8 +2,9 @@
 
 Flow per call: load and validate the images (`fai_mf.inputs`); group images of the same size into
 batches (results equal running them one at a time, up to float round-off of batched convolutions);
-run `forward_raw`; per image, `fai_mf.postprocess.postprocess_queries` gives the kept queries as tensors;
-the host encodes them into `FocoosDet`s (`fai_mf.formats`).
+run `forward_raw`; per image, the post-processing gives the kept queries and the host encodes their
+masks into `FocoosDet`s: with kernels="reference" `fai_mf.postprocess` + `fai_mf.formats` (the reference),
+otherwise the fused ops of `mf_kernels.mask_postprocess` (see `detections_from_raw`).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def detections_from_results(results: QueryResults, class_names: Sequence[str] | 
     for k, (cls_id, score, box) in enumerate(zip(results.classes.tolist(), results.scores.tolist(),
                                                  results.boxes.tolist())):
         mask = encode_mask(masks[k], box, mask_format)
-        label = class_names[cls_id] if class_names is not None and cls_id < len(class_names) else None
+        label = _label(class_names, cls_id)
         detections.append(FocoosDet(bbox=[int(v) for v in box], conf=float(score), cls_id=int(cls_id),
                                     label=label, mask=mask))
     return detections
@@ -70,11 +71,34 @@ def detections_from_results(results: QueryResults, class_names: Sequence[str] | 
 
 def detections_from_raw(mask_logits: torch.Tensor, class_probs: torch.Tensor, image_size: tuple[int, int],
                         options: PostprocessOptions, class_names: Sequence[str] | None = None,
-                        mask_format: str = "png") -> list[FocoosDet]:
-    """One image: stride-4 mask logits [Q, h4, w4] and class probs [Q, C] -> its `FocoosDet`s."""
-    with torch.inference_mode():
-        kept = postprocess_queries(mask_logits, class_probs, image_size, options)
-    return detections_from_results(kept, class_names, mask_format)
+                        mask_format: str = "png", kernels: str | None = None) -> list[FocoosDet]:
+    """One image: stride-4 mask logits [Q, h4, w4] and class probs [Q, C] -> its `FocoosDet`s.
+
+    kernels: None follows `mf_kernels.use` / $MF_KERNELS / auto. "reference" runs the PyTorch reference
+    (every mask upsampled to full size, `fai_mf.postprocess`); anything else runs the fused
+    post-processing ops (`mf_kernels.mask_postprocess.detections_from_logits`: only the kept queries are
+    expanded, straight from the stride-4 logits, with the backend the dispatch picks).
+    """
+    import mf_kernels
+    from mf_kernels.mask_postprocess import detections_from_logits
+
+    choice = kernels or mf_kernels.current_choice()
+    with torch.inference_mode(), mf_kernels.use(choice):
+        if choice == "reference":
+            kept = postprocess_queries(mask_logits, class_probs, image_size, options)
+            return detections_from_results(kept, class_names, mask_format)
+        fused = detections_from_logits(mask_logits, class_probs, image_size, threshold=options.threshold,
+                                       mask_threshold=options.mask_threshold,
+                                       predict_all_pixels=options.predict_all_pixels,
+                                       use_mask_score=options.use_mask_score, mask_format=mask_format)
+    return [FocoosDet(bbox=[int(v) for v in box], conf=float(score), cls_id=int(cls_id),
+                      label=_label(class_names, int(cls_id)), mask=mask)
+            for cls_id, score, box, mask in zip(fused.classes.tolist(), fused.scores.tolist(), fused.boxes.tolist(),
+                                                fused.masks)]
+
+
+def _label(class_names: Sequence[str] | None, cls_id: int) -> str | None:
+    return class_names[cls_id] if class_names is not None and cls_id < len(class_names) else None
 
 
 def predict(model: "FAIMFModel", images: Any, threshold: float | None = None, mask_threshold: float | None = None,
@@ -108,7 +132,7 @@ def predict(model: "FAIMFModel", images: Any, threshold: float | None = None, ma
         for j, i in enumerate(batch_ids):
             start = _now_ms(device)
             detections = detections_from_raw(raw.mask_logits[j], class_probs[j], loaded[i].size, options, names,
-                                             mask_format)
+                                             mask_format, kernels=model.kernels)
             latency = {"preprocess": preprocess_ms, "inference": inference_ms, "postprocess": _now_ms(device) - start}
             results[i] = FocoosDetections(detections=detections, image=loaded[i].source, latency=latency)
     return [r for r in results if r is not None]

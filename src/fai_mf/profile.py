@@ -268,7 +268,7 @@ def make_postprocess(m, image_size: tuple[int, int], threshold: float | None = N
 
     def postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> list:
         class_probs = m.model.class_probs(class_logits.float())
-        return [detections_from_raw(mask_logits[i].float(), class_probs[i], image_size, options, m.classes)
+        return [detections_from_raw(mask_logits[i], class_probs[i], image_size, options, m.classes)
                 for i in range(mask_logits.shape[0])]
 
     return postprocess
