@@ -71,3 +71,25 @@ def test_predict_same_with_fused_postprocessing(mode, kernels, mask_format):
     fused = m.predict(images, threshold=0.05, mask_format=mask_format)
     _assert_same(ref, fused, sizes)
     assert op.last_backend == kernels
+
+
+def test_semantic_metrics_path_fused_label_map_matches_reference():
+    """The metrics path's label map through `mf_kernels.semantic_label_map` (cpp) equals the reference
+    argmax over full-size probabilities, except pixels whose two best class scores tie within rounding."""
+    from fai_mf.evaluate import fused_semantic_label_map, query_probs
+    from fai_mf.postprocess import semantic_inference
+
+    m = _model("semantic_all_pixels")
+    image = torch.from_numpy(_images()[0]).permute(2, 0, 1).float()
+    m.set_kernels("reference")
+    probs, class_probs = query_probs(m, image)
+    expected = semantic_inference(probs, class_probs)
+    m.set_kernels("cpp")
+    got = fused_semantic_label_map(m, image)
+    assert got.shape == expected.shape
+    differ = got != expected
+    if differ.any():  # only near-ties may differ
+        scores = torch.einsum("qc,qhw->chw", class_probs.double(), probs.double())
+        gap = (scores.gather(0, expected[None]) - scores.gather(0, got[None]))[0]
+        assert gap[differ].abs().max() < 1e-5
+    assert differ.float().mean() < 1e-3

@@ -49,6 +49,21 @@ def query_probs(model: FAIMFModel, image: torch.Tensor, size: int | None = None)
     return masks, out.logits[0].float()
 
 
+@torch.inference_mode()
+def fused_semantic_label_map(model: FAIMFModel, image: torch.Tensor) -> torch.Tensor:
+    """The semantic label map [H, W] straight from the stride-4 logits through `mf_kernels.semantic_label_map`
+    (class maps at stride 4, C-way bilinear argmax per pixel; no [Q, H, W] probabilities), with the
+    model's kernels. Equals `postprocess.semantic_inference` on the full-size probabilities up to rounding."""
+    import mf_kernels
+
+    net = model.model.eval()
+    x = image.unsqueeze(0).to(model.device, next(net.parameters()).dtype)
+    with mf_kernels.use(model.kernels):
+        raw = net.forward_raw(x)
+        class_probs = net.class_probs(raw.class_logits.float())[0]
+        return mf_kernels.semantic_label_map(raw.mask_logits[0], class_probs, tuple(image.shape[-2:])).cpu()
+
+
 def _quiet() -> contextlib.AbstractContextManager:
     return contextlib.redirect_stdout(io.StringIO())  # pycocotools prints progress
 
@@ -140,8 +155,11 @@ def evaluate_semantic(model: FAIMFModel, dataset: SemanticSegDataset, size: int 
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     for i in range(n):
         sample = dataset[i]
-        mask_probs, class_probs = query_probs(model, sample["image"], size)
-        prediction = semantic_inference(mask_probs, class_probs)
+        if size is None and model.kernels != "reference":
+            prediction = fused_semantic_label_map(model, sample["image"])
+        else:
+            mask_probs, class_probs = query_probs(model, sample["image"], size)
+            prediction = semantic_inference(mask_probs, class_probs)
         confusion += confusion_matrix(prediction, sample["semantic"], num_classes)
     return {"task": "semantic", "images": n, **semantic_scores(confusion, list(dataset.classes))}
 
