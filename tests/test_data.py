@@ -124,7 +124,10 @@ def test_semantic_scores_on_a_known_confusion_matrix():
 
 
 class _PerfectModel:
-    """Stands in for a FAIMFModel: `query_probs` is patched to return the ground truth."""
+    """Stands in for a FAIMFModel: `query_probs` is patched to return the ground truth (the reference
+    metrics path, which goes through `query_probs`)."""
+
+    kernels = "reference"
 
     class config:
         num_classes, top_k, mask_threshold = 3, 100, 0.5
