@@ -121,15 +121,14 @@ def fpn_lateral_upsample_add_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Configs
 
-import functools  # noqa: E402  (the file reads kernels first, then how they are launched)
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from .fpn import check_inputs, check_lateral_inputs, nearest_scale, output_like  # noqa: E402
+from .launch import T4_SM_COUNT, Launch, arch_and_sms  # noqa: E402,F401  (re-exported)
 
-T4_SM_COUNT = 40  # the target when there is no GPU to ask (interpreter, AOT)
 NOMINAL_SM_COUNT = {75: 40, 80: 108, 90: 132}
 TL_DTYPES = {torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -197,39 +196,8 @@ def input_precision(arch: int, dtype: torch.dtype) -> str:
     return "ieee"
 
 
-@functools.lru_cache(maxsize=None)
-def _device_arch_and_sms(device_index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(device_index)
-    return props.major * 10 + props.minor, props.multi_processor_count
-
-
-def arch_and_sms(device: torch.device) -> tuple[int, int]:
-    """The target's compute capability (75, 80, ...) and SM count; T4 values for CPU tensors (interpreter)."""
-    if device.type != "cuda":
-        return 75, T4_SM_COUNT
-    return _device_arch_and_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 # ----------------------------------------------------------------------------------------------------
 # Launch plans and launchers
-
-
-@dataclass
-class Launch:
-    """One kernel launch: the jit function, its grid, its arguments by parameter name, its options."""
-
-    kernel: object
-    grid: tuple[int, ...]
-    args: dict
-    num_warps: int
-    num_stages: int = 1
-
-    def run(self) -> None:
-        if self.args.get("out_ptr") is not None and self.args["out_ptr"].device.type == "cuda":
-            with torch.cuda.device(self.args["out_ptr"].device):
-                self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
-        else:
-            self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:

@@ -25,20 +25,20 @@ No [B·h, Q, HW] mask or score tensor is ever written: scores live in registers 
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
+
 import triton
 import triton.language as tl
 
 from . import dispatch
+from .launch import T4_SM_COUNT, Launch, arch_and_sms  # noqa: F401  (re-exported)
 from .masked_attention import MAX_QUERIES, SUPPORTED_HEAD_DIMS, check_inputs
 
 INTERPRETED = dispatch.interpreter_requested()
 LOG2E = 1.4426950408889634
-T4_SM_COUNT = 40  # used for the split count when there is no GPU to ask (interpreter, AOT)
 PROGRAMS_PER_SM = 4  # splits target this many attention programs per SM (4-8 warps each)
 MIN_KEYS_PER_SPLIT = 128  # 4 x head dim 32: the partial acc of a split is at most 1/4 of its scores
 BITS_WORDS = 16  # 32-bit words of the bit mask written per iteration of `_attend_bits_kernel`
@@ -231,35 +231,8 @@ def num_splits_for(batch_heads: int, q_blocks: int, key_blocks: int, sm_count: i
     return math.ceil(key_blocks / blocks_per_split), blocks_per_split
 
 
-@functools.lru_cache(maxsize=None)
-def _device_arch_and_sms(device_index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(device_index)
-    return props.major * 10 + props.minor, props.multi_processor_count
-
-
-def arch_and_sms(device: torch.device) -> tuple[int, int]:
-    """The target's compute capability (as 75, 80, ...) and SM count; T4 values in the interpreter."""
-    if device.type != "cuda":
-        return 75, T4_SM_COUNT
-    return _device_arch_and_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 # ----------------------------------------------------------------------------------------------------
 # Launcher
-
-
-@dataclass
-class Launch:
-    """One kernel launch: the jit function, its grid, its arguments (in order) and its options."""
-
-    kernel: object
-    grid: tuple[int, ...]
-    args: dict
-    num_warps: int
-    num_stages: int = 1
-
-    def run(self) -> None:
-        self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor,
