@@ -6,9 +6,9 @@
 Groups (compare the rows of one group):
 - `instance-<png|rle>`: fai-mf-s-coco-ins at 640², Q=100 stride-4 logits (160²), 80 classes, 20 queries
   confident, use_mask_score: stride-4 logits -> FocoosDetections (boxes, scores, classes, base64 PNG
-  crops or RLE JSON strings). `reference` is fai_mf's reference path (`fai_mf.predict.detections_from_raw`:
-  sigmoid + bilinear upsampling of ALL 100 masks to 640², threshold, stats, then Pillow / numpy
-  encoding of the kept masks); `cpp` is `mf_kernels.mask_postprocess.detections_from_logits` with the
+  crops or RLE JSON strings). `reference` is fai_mf's reference path (`fai_mf.predict.detections_from_raw`
+  under `mf_kernels.use("reference")`: sigmoid + bilinear upsampling of ALL 100 masks to 640², threshold,
+  stats, then Pillow / numpy encoding of the kept masks); `cpp` is `mf_kernels.mask_postprocess.detections_from_logits` with the
   C++ extension (only the candidate queries are expanded, never as float masks; counts, crops, strings
   and PNGs in C++). Target: cpp >= 10x faster.
 - `predict-all-pixels-png`: the same for a semantic model (ownership over all queries, ADE-like 150 classes).
@@ -80,7 +80,8 @@ def test_instance_postprocess(benchmark, backend, mask_format):
     record_environment(benchmark, "cpu", torch.float32, backend, COCO.name, mask_format=mask_format)
     if backend == "reference":
         options = options_cls(threshold=0.5, mask_threshold=0.5, predict_all_pixels=False, use_mask_score=True)
-        dets = benchmark(lambda: detections_from_raw(logits, class_probs, size, options, None, mask_format))
+        with mf_kernels.use("reference"):  # predict's own switch: the unfused fai_mf path
+            dets = benchmark(lambda: detections_from_raw(logits, class_probs, size, options, None, mask_format))
     else:
         _require_cpp()
         with mf_kernels.use("cpp"):
@@ -97,7 +98,8 @@ def test_predict_all_pixels_postprocess(benchmark, backend):
     record_environment(benchmark, "cpu", torch.float32, backend, ADE.name)
     if backend == "reference":
         options = options_cls(threshold=0.5, mask_threshold=0.5, predict_all_pixels=True, use_mask_score=False)
-        dets = benchmark(lambda: detections_from_raw(logits, class_probs, size, options, None, "png"))
+        with mf_kernels.use("reference"):
+            dets = benchmark(lambda: detections_from_raw(logits, class_probs, size, options, None, "png"))
     else:
         _require_cpp()
         with mf_kernels.use("cpp"):

@@ -119,8 +119,12 @@ def _stage_fns(m, images: torch.Tensor, postprocess: Callable) -> list[tuple[str
             ("postprocess", post)]
 
 
-def run_once(m, images: torch.Tensor, postprocess: Callable, iters: int, warmup: int, cuda_graphs: bool) -> RunResult:
-    """Profile the model `m` (already set to its kernels) on `images`."""
+def run_interleaved(m, images: torch.Tensor, postprocess: Callable, choices: list[str], iters: int, warmup: int,
+                    cuda_graphs: bool) -> list[RunResult]:
+    """Profile `m` with each kernels choice on `images`, interleaving the choices iteration by iteration
+    so that a change of machine load hits them alike (medians of `iters` samples each)."""
+    import mf_kernels
+
     device = images.device
     timer = Timer(device)
     stage_fns = _stage_fns(m, images, postprocess)
@@ -128,42 +132,48 @@ def run_once(m, images: torch.Tensor, postprocess: Callable, iters: int, warmup:
     def model_only():
         return m.model.forward_raw(images)
 
-    def end_to_end():
-        raw = m.model.forward_raw(images)
-        return postprocess(raw.class_logits, raw.mask_logits)
+    def end_to_end(forward: Callable) -> Callable:
+        def run():
+            raw = forward()
+            return postprocess(raw.class_logits, raw.mask_logits)
+        return run
 
-    graph_replay = None
+    samples = {c: {"stages": {name: [] for name in STAGES}, "model": [], "e2e": []} for c in choices}
+    forwards: dict[str, Callable] = {}
+    peaks: dict[str, tuple[float, str]] = {}
     with torch.inference_mode():
-        for _ in range(warmup):
-            for _, fn in stage_fns:
-                fn()
-            end_to_end()
-        timer.sync()
-        if cuda_graphs:
-            graph_replay = _capture_graph(m, images)
-        stage_times: dict[str, list[float]] = {name: [] for name in STAGES}
-        for _ in range(iters):
-            for name, fn in stage_fns:
+        for choice in choices:
+            m.set_kernels(choice)
+            with mf_kernels.use(choice):  # the staged loop calls sub-modules' methods directly
+                for _ in range(warmup):
+                    for _, fn in stage_fns:
+                        fn()
+                    end_to_end(model_only)()
                 timer.sync()
-                stage_times[name].append(timer.time(fn)[0])
-        model_times = [timer.time(graph_replay or model_only)[0] for _ in range(iters)]
-        e2e_times = []
+                forwards[choice] = _capture_graph(m, images) if cuda_graphs else model_only
         for _ in range(iters):
-            if graph_replay is not None:
-                def e2e_graph():
-                    raw = graph_replay()
-                    return postprocess(raw.class_logits, raw.mask_logits)
-                e2e_times.append(timer.time(e2e_graph)[0])
-            else:
-                e2e_times.append(timer.time(end_to_end)[0])
+            for choice in choices:
+                m.set_kernels(choice)
+                with mf_kernels.use(choice):
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    for name, fn in stage_fns:
+                        timer.sync()
+                        samples[choice]["stages"][name].append(timer.time(fn)[0])
+                    # with CUDA graphs the captured forward replays the kernels chosen at capture time
+                    samples[choice]["model"].append(timer.time(forwards[choice])[0])
+                    samples[choice]["e2e"].append(timer.time(end_to_end(forwards[choice]))[0])
+                    peaks[choice] = _peak_memory(device)
     batch = images.shape[0]
-    model_ms, e2e_ms = statistics.median(model_times), statistics.median(e2e_times)
-    peak, kind = _peak_memory(device)
-    return RunResult(
-        kernels="", stage_ms={k: statistics.median(v) for k, v in stage_times.items()},
-        model_ms=model_ms, end_to_end_ms=e2e_ms, model_fps=batch * 1e3 / model_ms, end_to_end_fps=batch * 1e3 / e2e_ms,
-        peak_memory_mb=peak, peak_memory_kind=kind, cuda_graphs=graph_replay is not None,
-    )
+    results = []
+    for choice in choices:
+        model_ms, e2e_ms = statistics.median(samples[choice]["model"]), statistics.median(samples[choice]["e2e"])
+        results.append(RunResult(
+            kernels=choice, stage_ms={k: statistics.median(v) for k, v in samples[choice]["stages"].items()},
+            model_ms=model_ms, end_to_end_ms=e2e_ms, model_fps=batch * 1e3 / model_ms,
+            end_to_end_fps=batch * 1e3 / e2e_ms, peak_memory_mb=peaks[choice][0], peak_memory_kind=peaks[choice][1],
+            cuda_graphs=cuda_graphs))
+    return results
 
 
 def _capture_graph(m, images: torch.Tensor) -> Callable:
@@ -314,18 +324,18 @@ def profile(model: str, weights: str | None = None, resolution: int = 640, batch
         notes += _make_random_model_realistic(m, images, keep=keep)
     postprocess = make_postprocess(m, (resolution, resolution), threshold=m.config.threshold)
 
-    runs, outputs = [], {}
+    outputs = {}
     choices = ["reference"] + ([kernels] if compare and kernels != "reference" else [])
     if not compare:
         choices = [kernels]
-    for choice in choices:
-        _set_kernels(m, choice)
-        with mf_kernels.use(choice):  # the staged loop calls sub-modules' methods directly
-            result = run_once(m, images, postprocess, iters, warmup, cuda_graphs)
-        result.kernels = choice
-        result.kernel_choice = kernel_report()
-        runs.append(result)
-        outputs[choice] = _outputs(m, images, postprocess)
+    _set_kernels(m, choices[0])
+    runs = run_interleaved(m, images, postprocess, choices, iters, warmup, cuda_graphs)
+    for run in runs:
+        m.set_kernels(run.kernels)
+        reset_kernel_report()
+        with mf_kernels.use(run.kernels):
+            outputs[run.kernels] = _outputs(m, images, postprocess)
+            run.kernel_choice = kernel_report()
     agreement = compare_outputs(outputs["reference"], outputs[choices[-1]], (resolution, resolution)) \
         if len(choices) > 1 else None
     return {
@@ -340,14 +350,17 @@ def profile(model: str, weights: str | None = None, resolution: int = 640, batch
 
 
 def kernel_report() -> dict[str, str]:
-    """Which backend each op ran on in the last run, if the dispatch records it."""
-    try:
-        import mf_kernels
+    """op -> backend of its latest call (call `reset_kernel_report` before the run to attribute)."""
+    import mf_kernels
 
-        report = getattr(mf_kernels.dispatch, "last_choices", None)
-        return dict(report()) if callable(report) else {}
-    except Exception:  # noqa: BLE001 - reporting only, never fatal
-        return {}
+    return mf_kernels.dispatch.last_choices()
+
+
+def reset_kernel_report() -> None:
+    import mf_kernels
+
+    for op in mf_kernels.dispatch.OPS.values():
+        op.last_backend = None
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -370,6 +383,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"outputs agree: {'YES' if a['ok'] else 'NO'} (detections {a['detections_reference']} vs "
                      f"{a['detections_fused']}, same classes {a['same_classes']}, min mask IoU {a['min_mask_iou']:.4f}, "
                      f"max |dscore| {a['max_score_diff']:.2e}, max |dmask logit| {a['mask_logits_max_abs']:.2e})")
+    for r in runs:
+        if r["kernel_choice"]:
+            lines.append(f"{r['kernels']}: " + ", ".join(f"{op}={b}" for op, b in r["kernel_choice"].items()))
     lines += [f"note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines)
 
