@@ -99,3 +99,34 @@ def test_pixel_decoder_encoder_path_and_resnet_depths():
         assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2]
         with torch.no_grad():
             assert model(torch.rand(1, 3, 64, 64) * 255).masks.shape == (1, 10, 64, 64)
+
+
+def test_conv_bn_folding_matches_reference_and_reference_is_unfolded():
+    """With fused kernels, eval-mode conv+BN(+ReLU) blocks run folded; outputs equal the reference."""
+    from fai_mf.modeling import folding
+
+    torch.manual_seed(0)
+    model = fai_mf.FAIMaskFormer(tiny_config(backbone_config={"model_type": "resnet", "depth": 18})).eval()
+    with torch.no_grad():  # non-trivial running statistics
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+    m = fai_mf.FAIMFModel(model.config, model)
+    x = torch.rand(1, 3, 64, 48) * 255
+    calls = []
+    real = folding.fold_conv_bn
+    folding.fold_conv_bn = lambda conv, norm: calls.append(1) or real(conv, norm)
+    try:
+        with torch.no_grad():
+            m.set_kernels("reference")
+            ref = model.forward_raw(x)
+            assert not calls, "kernels='reference' must run conv then BN"
+            m.set_kernels("auto")
+            fused = model.forward_raw(x)
+    finally:
+        folding.fold_conv_bn = real
+    assert calls, "auto must fold conv+BN at inference"
+    torch.testing.assert_close(fused.mask_logits, ref.mask_logits, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fused.class_logits, ref.class_logits, rtol=1e-3, atol=1e-3)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BackboneConfig, ResNetConfig, STDCConfig
+from .folding import conv_bn_act
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -37,16 +38,16 @@ class Backbone(nn.Module):
 
 # ----------------------------------------------------------------------------------------- ResNet-vd
 class ConvNormLayer(nn.Module):
-    """conv (no bias, 'same' padding) -> BatchNorm -> optional ReLU."""
+    """conv (no bias, 'same' padding) -> BatchNorm -> optional ReLU (folded into one conv at inference)."""
 
     def __init__(self, ch_in: int, ch_out: int, kernel_size: int, stride: int, act: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(ch_in, ch_out, kernel_size, stride, padding=(kernel_size - 1) // 2, bias=False)
         self.norm = nn.BatchNorm2d(ch_out)
-        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+        self.relu = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+        return conv_bn_act(self.conv, self.norm, x, self.relu)
 
 
 def _shortcut(ch_in: int, ch_out: int, stride: int) -> nn.Module:
@@ -142,16 +143,15 @@ class ResNetVD(Backbone):
 
 # ---------------------------------------------------------------------------------------------- STDC
 class ConvX(nn.Module):
-    """conv (no bias) -> BatchNorm -> ReLU."""
+    """conv (no bias) -> BatchNorm -> ReLU (folded into one conv at inference)."""
 
     def __init__(self, ch_in: int, ch_out: int, kernel: int = 3, stride: int = 1):
         super().__init__()
         self.conv = nn.Conv2d(ch_in, ch_out, kernel, stride, padding=kernel // 2, bias=False)
         self.bn = nn.BatchNorm2d(ch_out)
-        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.conv(x)))
+        return conv_bn_act(self.conv, self.bn, x, relu=True)
 
 
 class CatBottleneck(nn.Module):

@@ -14,6 +14,7 @@ import mf_kernels
 
 from ..config import MaskFormerConfig
 from .backbones import Backbone, build_backbone
+from .folding import conv_bn_act
 from .position_encoding import PositionEmbeddingSine
 
 
@@ -26,8 +27,7 @@ class ConvNorm(nn.Conv2d):
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(super().forward(x))
-        return F.relu(x) if self.relu else x
+        return conv_bn_act(self, self.norm, x, self.relu)
 
     def can_fold(self) -> bool:
         """Whether this module is a 1x1 conv + eval-mode BatchNorm (running statistics), no ReLU."""

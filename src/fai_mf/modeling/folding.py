@@ -1,0 +1,49 @@
+"""Inference-time conv + BatchNorm (+ ReLU) folding for every conv-BN block of the model.
+
+In eval mode, with no gradient needed and kernels other than "reference", a conv followed by an
+eval-mode BatchNorm runs as one conv with the folded weight and bias (W·γ/σ, β − μ·γ/σ, computed in
+fp64 once and cached on the module, outside the state_dict): one pass over the activations instead of
+two. Training, autograd and `kernels="reference"` run conv then BN, exactly the reference model, and
+parameter names never change, so every checkpoint loads into either path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mf_kernels
+
+
+def fold_conv_bn(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of `conv` with the eval-mode `norm` folded in, in the conv's dtype; cached on `conv`."""
+    tensors = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (norm.eps,)
+    cached = conv.__dict__.get("_folded_conv_bn")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            scale = norm.weight.double() * torch.rsqrt(norm.running_var.double() + norm.eps)
+            weight = (conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
+            bias = (norm.bias.double() - norm.running_mean.double() * scale).to(conv.weight.dtype)
+        cached = (key, weight, bias)
+        conv.__dict__["_folded_conv_bn"] = cached
+    return cached[1], cached[2]
+
+
+def folding_applies(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> bool:
+    """Eval-mode BN with running statistics, a bias-free conv, no autograd, and fused kernels chosen."""
+    if conv.training or norm.training or norm.running_mean is None or conv.bias is not None:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or norm.weight.requires_grad):
+        return False
+    return mf_kernels.current_choice() != "reference"
+
+
+def conv_bn_act(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
+    """relu?(norm(conv(x))), folded into one conv when `folding_applies`."""
+    if folding_applies(conv, norm, x):
+        weight, bias = fold_conv_bn(conv, norm)
+        out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    else:
+        out = norm(F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+    return F.relu(out) if relu else out
