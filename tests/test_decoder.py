@@ -128,3 +128,20 @@ def test_query_embed_is_position_and_query_feat_is_content():
         after = model.forward_predictions(x)
     torch.testing.assert_close(before[0].class_logits, after[0].class_logits)
     assert not torch.allclose(before[1].class_logits, after[1].class_logits)
+
+
+def test_inference_decoder_with_level_size_masks_matches_reference():
+    """Fused inference path: attention masks computed at each level's size (einsum with the resized
+    mask features, exact by linearity) give the reference's last prediction."""
+    torch.manual_seed(8)
+    model = FAIMaskFormer(tiny_config(transformer_predictor_dec_layers=4)).eval()
+    with torch.no_grad():
+        model.pixel_decoder.mask_features.weight.mul_(20.0)  # masks that actually block keys
+        mask_features, feats = model.pixel_decoder(model.normalize(torch.rand(2, 3, 70, 52) * 255))
+        with mf_kernels.use("reference"):
+            ref = model.head.predictor(feats, mask_features)
+        with mf_kernels.use("auto"):
+            fast = model.head.predictor(feats, mask_features, intermediate=False)
+    assert len(fast) == 1 and len(ref) == 5
+    torch.testing.assert_close(fast[0].mask_logits, ref[-1].mask_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast[0].class_logits, ref[-1].class_logits, rtol=1e-4, atol=1e-4)

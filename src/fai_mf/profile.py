@@ -109,8 +109,8 @@ def _stage_fns(m, images: torch.Tensor, postprocess: Callable) -> list[tuple[str
     def pixel_decoder():
         state["mask_features"], state["multi_scale"] = model.pixel_decoder.forward_features(state["features"])
 
-    def transformer_decoder():
-        state["raw"] = model.head.predictor(state["multi_scale"], state["mask_features"])[-1]
+    def transformer_decoder():  # as forward_raw in eval mode: only the last prediction is needed
+        state["raw"] = model.head.predictor(state["multi_scale"], state["mask_features"], intermediate=False)[-1]
 
     def post():
         state["detections"] = postprocess(state["raw"].class_logits, state["raw"].mask_logits)
@@ -246,21 +246,27 @@ def _outputs(m, images: torch.Tensor, postprocess: Callable) -> dict[str, Any]:
 
 
 def _make_random_model_realistic(m, images: torch.Tensor, keep: int) -> list[str]:
-    """Random weights give masks that all sit near 0.5 and scores near 1/(C+1): post-processing would
-    keep nothing and the agreement check would compare empty lists. Sharpen the masks (scale
-    `mask_features`) and set the score threshold so that about `keep` queries pass, as a trained
-    model does. Only for zoo architectures without weights; the notes say so in the report."""
+    """Random weights give masks that all sit near 0.5 and class scores all near 1/(C+1): post-processing
+    would keep nothing, or expand every query, and the agreement check would compare empty lists.
+    Make the workload look like a trained model's: sharpen the masks (scale `mask_features`) and the
+    class scores (scale the classifier), then set the score threshold so that about `keep` queries are
+    kept. Only for zoo architectures without weights; the report's notes say so."""
+    heads = m.model.head.predictor.forward_prediction_heads
     with torch.no_grad():
         m.model.pixel_decoder.mask_features.weight.mul_(40.0)
+        heads.classifier.weight.mul_(8.0)
+        heads.classifier.bias.mul_(8.0)
         with mf_kernels_use("reference"):
             raw = m.model.forward_raw(images[:1])
     everything = make_postprocess(m, tuple(images.shape[-2:]), threshold=0.0)(raw.class_logits, raw.mask_logits)[0]
-    scores = sorted((d.conf for d in everything), reverse=True)
-    k = min(keep, len(scores) - 1)
-    threshold = float(scores[k]) if k >= 0 else 0.0  # strict '>': exactly the k best pass
+    finals = sorted((d.conf for d in everything), reverse=True)
+    k = min(keep, len(finals) - 1)
+    threshold = float(finals[k]) if k >= 0 else 0.0  # strict '>': exactly the k best pass
     m.config.threshold = threshold
-    return [f"random weights: mask_features scaled x40 so masks are not all ~0.5, and threshold set to "
-            f"{threshold:.5f} so that {k} of {m.config.num_queries} queries are kept"]
+    class_scores = m.model.class_probs(raw.class_logits.float())[0].max(-1).values
+    candidates = int((class_scores > threshold).sum())
+    return [f"random weights: mask_features x40 and classifier x8 so masks and scores look trained, threshold "
+            f"{threshold:.4f}: {candidates} of {m.config.num_queries} queries are candidates, {k} kept"]
 
 
 def mf_kernels_use(choice: str):

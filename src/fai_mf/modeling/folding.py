@@ -3,7 +3,7 @@
 In eval mode, with no gradient needed and kernels other than "reference", a conv followed by an
 eval-mode BatchNorm runs as one conv with the folded weight and bias (W·γ/σ, β − μ·γ/σ, computed in
 fp64 once and cached on the module, outside the state_dict): one pass over the activations instead of
-two. Training, autograd and `kernels="reference"` run conv then BN, exactly the reference model, and
+two. On CPU the folded weights are channels_last, so oneDNN runs the backbone in that layout. Training, autograd and `kernels="reference"` run conv then BN, exactly the reference model, and
 parameter names never change, so every checkpoint loads into either path.
 """
 from __future__ import annotations
@@ -25,6 +25,10 @@ def fold_conv_bn(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, t
             scale = norm.weight.double() * torch.rsqrt(norm.running_var.double() + norm.eps)
             weight = (conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
             bias = (norm.bias.double() - norm.running_mean.double() * scale).to(conv.weight.dtype)
+            if weight.device.type == "cpu":
+                # oneDNN runs a conv channels_last when its weight is: ~10% faster on CPU, and the layout
+                # then propagates through the following convs, pools and adds of the backbone
+                weight = weight.contiguous(memory_format=torch.channels_last)
         cached = (key, weight, bias)
         conv.__dict__["_folded_conv_bn"] = cached
     return cached[1], cached[2]

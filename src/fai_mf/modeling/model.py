@@ -86,7 +86,8 @@ class FAIMaskFormer(nn.Module):
 
     def forward_raw(self, images: torch.Tensor) -> RawOutput:
         """Raw head output: class_logits [B, Q, C+1], mask_logits [B, Q, ceil(H/4), ceil(W/4)]."""
-        predictions = self.forward_predictions(images)
+        mask_features, multi_scale = self.pixel_decoder(self.normalize(images))
+        predictions = self.head.predictor(multi_scale, mask_features, intermediate=self.training)
         last = predictions[-1]
         aux = predictions[:-1] if self.training else []
         return RawOutput(last.class_logits, last.mask_logits, aux)

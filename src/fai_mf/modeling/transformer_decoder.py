@@ -121,11 +121,16 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.input_proj = nn.ModuleList(nn.Conv2d(in_channels, hidden_dim, 1) for _ in range(NUM_LEVELS))
         self.forward_prediction_heads = PredictionHeads(hidden_dim, num_classes, mask_dim)
 
-    def forward(self, features: list[torch.Tensor], mask_features: torch.Tensor) -> list[LayerPrediction]:
+    def forward(self, features: list[torch.Tensor], mask_features: torch.Tensor,
+                intermediate: bool = True) -> list[LayerPrediction]:
         """features: [y32, y16, y8] from the pixel decoder; mask_features [B, M, H/4, W/4].
 
         Returns the predictions before the first layer and after each layer (length dec_layers + 1);
         the last one is the model's output, the others are the aux outputs used in training.
+
+        With `intermediate=False` (inference: only the last prediction is wanted), no autograd and fused
+        kernels chosen, the attention masks come from `_attention_logits_at_levels`: the same logits
+        computed at each level's size directly, and only the last prediction is returned.
         """
         if len(features) != NUM_LEVELS:
             raise ValueError(f"the decoder takes {NUM_LEVELS} feature levels, got {len(features)}")
@@ -138,6 +143,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
         tgt = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
 
+        if not intermediate and use_level_masks(mask_features):
+            return [self._forward_last_only(tgt, query_pos, srcs, poss, sizes, mask_features)]
         class_logits, mask_logits = self.forward_prediction_heads(tgt, mask_features)
         predictions = [LayerPrediction(class_logits, mask_logits)]
         for i in range(self.num_layers):
@@ -149,3 +156,35 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             class_logits, mask_logits = self.forward_prediction_heads(tgt, mask_features)
             predictions.append(LayerPrediction(class_logits, mask_logits))
         return predictions
+
+    def _forward_last_only(self, tgt: torch.Tensor, query_pos: torch.Tensor, srcs: list[torch.Tensor],
+                           poss: list[torch.Tensor], sizes: list[tuple[int, int]],
+                           mask_features: torch.Tensor) -> LayerPrediction:
+        """The decoder for inference: intermediate mask logits only at the size of the level they mask.
+
+        A layer's attention mask is bilinear(einsum(embed, mask_features)) at the next level's size.
+        Bilinear resizing is linear and acts per channel, so it commutes with the channel contraction:
+        einsum(embed, bilinear(mask_features)) is the same logits, at 1/64, 1/16, 1/4 of the stride-4 cost
+        (the stride-4 einsum of each intermediate prediction is most of the decoder's FLOPs). Only the
+        last prediction is computed at stride 4; intermediate class logits are skipped (unused).
+        """
+        heads = self.forward_prediction_heads
+        level_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                          for size in sizes]
+        for i in range(self.num_layers):
+            level = i % NUM_LEVELS
+            embed = heads.mask_classifier(heads.decoder_norm(tgt))
+            attn_logits = torch.einsum("bqc,bchw->bqhw", embed, level_features[level]).flatten(2)
+            tgt = self.transformer_cross_attention_layers[i](tgt, srcs[level], poss[level], query_pos, attn_logits)
+            tgt = self.transformer_self_attention_layers[i](tgt, query_pos)
+            tgt = self.transformer_ffn_layers[i](tgt)
+        class_logits, mask_logits = heads(tgt, mask_features)
+        return LayerPrediction(class_logits, mask_logits)
+
+
+def use_level_masks(mask_features: torch.Tensor) -> bool:
+    """The level-size attention masks of `_forward_last_only` replace the reference order of operations
+    when fused kernels are chosen and nothing needs gradients."""
+    if torch.is_grad_enabled() and mask_features.requires_grad:
+        return False
+    return mf_kernels.current_choice() != "reference"
