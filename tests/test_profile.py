@@ -37,3 +37,16 @@ def test_bench_fps_cli_writes_json_and_plot(tmp_path):
     assert report["runs"][0]["kernels"] == "reference" and report["agreement"] is None
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["notes"] and "random weights" in report["notes"][0]
+
+
+def test_bench_roofline_lists_every_fused_call_of_the_model(tmp_path, capsys):
+    out_json = tmp_path / "roof.json"
+    assert cli.main(["bench", "roofline", "--model", "fai-mf-m-ade", "--resolution", "128", "--no-measure",
+                     "--json", str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    ops = [c["op"] for c in report["calls"]]
+    assert ops.count("masked_cross_attention") == 3  # one per decoder layer of fai-mf-m-ade
+    assert ops.count("fpn_lateral_upsample_add") == 3  # one per FPN level
+    assert "mask_postprocess" in ops  # predict_all_pixels: the ownership pass
+    assert report["total_floor_us"] == sum(c["floor_us"] for c in report["calls"]) > 0
+    assert "sum of the fused kernels' T4 floors" in capsys.readouterr().out

@@ -46,7 +46,11 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 def rows_for_call(name: str, args: tuple, kwargs: dict, dtype: torch.dtype) -> list:
     """Roofline rows of one recorded call, as the T4 would run it in `dtype` (the profiled precision)."""
-    from mf_kernels import fpn, mask_postprocess
+    import importlib
+
+    from mf_kernels import fpn
+
+    mask_postprocess = importlib.import_module("mf_kernels.mask_postprocess")  # the module, not the op
     from mf_kernels.roofline import Row, masked_attention_row
     from mf_kernels.shapes import AttentionShape
 
@@ -85,11 +89,11 @@ def rows_for_call(name: str, args: tuple, kwargs: dict, dtype: torch.dtype) -> l
             nbytes = q_all * h * w * size + height * width * 4 + bits + outputs
             flops = q_all * height * width * (per_pixel + mask_postprocess.FLOPS_ARGMAX) \
                 + kept * height * width * mask_postprocess.FLOPS_STATS
-            label = f"ownership Q={q_all} kept={kept} {height}x{width}"
+            label = f"ownership Q={q_all} expanded={kept} {height}x{width}"
         else:
             nbytes = kept * h * w * size + bits + outputs
             flops = kept * height * width * (per_pixel + mask_postprocess.FLOPS_STATS)
-            label = f"threshold kept={kept} {height}x{width}"
+            label = f"threshold expanded={kept} {height}x{width}"
         return [Row(name, label, dname, nbytes, flops, nbytes)]
     if name == "semantic_label_map":
         logits, class_probs, image_size = args[:3]
