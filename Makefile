@@ -29,15 +29,16 @@ $(VENV)/.ready: pyproject.toml setup.py
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-# GPU readiness (every Triton kernel compiled for sm_75/80/90, no spills, shared memory within limits),
+# GPU readiness (every Triton kernel compiled afresh for sm_75/80/90: no cache hit can hide a failure;
+# no spills, shared memory within limits),
 # the microbenchmarks in quick mode (so they cannot rot; no timing is asserted), then the test suite.
 test: venv
-	$(PY) -m mf_kernels.aot --arch 75,80,90 --jobs 2
+	TRITON_ALWAYS_COMPILE=1 $(PY) -m mf_kernels.aot --arch 75,80,90 --jobs 2
 	$(PY) -m pytest -q bench --benchmark-only --quick -p no:cacheprovider
 	$(PY) -m pytest -q tests
 
 aot: venv
-	$(PY) -m mf_kernels.aot --arch 75,80,90 --jobs 2
+	TRITON_ALWAYS_COMPILE=1 $(PY) -m mf_kernels.aot --arch 75,80,90 --jobs 2
 
 # Profile fai-mf-s-coco-ins at 640x640 (random weights unless WEIGHTS=path), reference vs fused kernels.
 MODEL ?= fai-mf-s-coco-ins
