@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from . import dispatch, rle
 
 MAX_INDEX = 2**31 - 1  # the kernels index pixels with int32
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -242,14 +242,9 @@ def boxes_of_masks(masks: torch.Tensor) -> torch.Tensor:
 
 
 def rle_counts_ref(mask: torch.Tensor) -> torch.Tensor:
-    """COCO run lengths (int64 [N], CPU) of a bool [H, W] mask read column-major, first run the zeros."""
-    flat = mask.t().reshape(-1).cpu()
-    changes = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
-    bounds = torch.cat([torch.zeros(1, dtype=torch.int64), changes, torch.tensor([flat.numel()])])
-    counts = bounds.diff()
-    if flat.numel() and bool(flat[0]):
-        counts = torch.cat([torch.zeros(1, dtype=torch.int64), counts])
-    return counts
+    """COCO run lengths (int64 [N], CPU) of a bool [H, W] mask read column-major, first run the zeros
+    (`mf_kernels.rle.rle_counts`, the one reference)."""
+    return torch.from_numpy(rle.rle_counts(mask.cpu().numpy()))
 
 
 def crop_to_box(mask: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
@@ -289,18 +284,8 @@ def semantic_label_map_ref(mask_logits: torch.Tensor, class_probs: torch.Tensor,
 
 
 def compress_rle_ref(counts: torch.Tensor) -> str:
-    """COCO compressed RLE string of int64 run lengths (pycocotools' rleToString), in Python."""
-    values = [int(v) for v in counts.tolist()]
-    chars = []
-    for i, value in enumerate(values):
-        x = value - values[i - 2] if i > 2 else value
-        more = True
-        while more:
-            group = x & 0x1F
-            x >>= 5  # Python's >> is arithmetic on negative numbers, like C's on long
-            more = x != -1 if group & 0x10 else x != 0
-            chars.append(chr(48 + (group | 0x20 if more else group)))
-    return "".join(chars)
+    """COCO compressed RLE string of int64 run lengths (`mf_kernels.rle.compress_rle_counts`)."""
+    return rle.compress_rle_counts(counts.cpu().numpy())
 
 
 def encode_rle_strings_ref(counts: list[torch.Tensor]) -> list[str]:
