@@ -24,7 +24,6 @@ each is read by ~16 output pixels) and writes 20 · 640 · 80 bytes of bits, ins
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
+from .launch import Launch
 
 INTERPRETED = dispatch.interpreter_requested()  # read once, when the kernels below are decorated
 TL_DTYPES = {torch.float16: "fp16", torch.float32: "fp32"}
@@ -213,20 +213,6 @@ def _semantic_argmax_kernel(
 
 # ----------------------------------------------------------------------------------------------------
 # Launchers
-
-
-@dataclass
-class Launch:
-    """One kernel launch: the jit function, its grid, its arguments (by name) and its options."""
-
-    kernel: object
-    grid: tuple[int, ...]
-    args: dict
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def run(self) -> None:
-        self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def fp32_scale(in_size: int, out_size: int) -> float:
