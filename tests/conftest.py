@@ -28,6 +28,18 @@ def tiny_model() -> fai_mf.FAIMFModel:
     return fai_mf.FAIMFModel(cfg, fai_mf.FAIMaskFormer(cfg).eval(), name="tiny")
 
 
+@pytest.fixture(scope="session")
+def extension():
+    """The C++ extension `mf_kernels._C`, built (or loaded) once per session. Only a machine without a
+    compiler (or with the build disabled) skips the cpp tests; a failed build is an error."""
+    from mf_kernels import _cpp_lib
+
+    try:
+        return _cpp_lib.load()
+    except (_cpp_lib.MissingCompilerError, _cpp_lib.ExtensionDisabledError) as exc:
+        pytest.skip(f"C++ extension unavailable here: {exc}")
+
+
 @pytest.fixture(autouse=True)
 def _quiet_random_weight_warning():
     with warnings.catch_warnings():

@@ -15,14 +15,6 @@ import torch
 from mf_kernels import _cpp_lib, build
 
 
-@pytest.fixture(scope="module")
-def extension():
-    try:
-        return _cpp_lib.load()
-    except (_cpp_lib.MissingCompilerError, _cpp_lib.ExtensionDisabledError) as exc:
-        pytest.skip(f"C++ extension unavailable here: {exc}")
-
-
 @pytest.fixture
 def fresh_loader(monkeypatch, extension):
     """An empty `_cpp_lib` cache for one test; the real loaded module is put back afterwards."""

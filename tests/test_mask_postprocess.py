@@ -21,7 +21,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mf_kernels  # noqa: E402
-from mf_kernels import _cpp_lib  # noqa: E402
 
 # The module (its references and backends); `mf_kernels.mask_postprocess` itself is the dispatched op.
 mp = importlib.import_module("mf_kernels.mask_postprocess")
@@ -34,15 +33,6 @@ BACKENDS = ("reference", "cpp", "triton")
 # Q = 1, exactly 4x, equal sizes (PyTorch's copy rule), a downscale, one-row / one-column maps.
 SHAPES = [(5, 13, 17, 50, 67), (1, 7, 5, 27, 19), (4, 16, 16, 64, 64), (2, 10, 12, 10, 12), (2, 10, 12, 5, 7),
           (2, 1, 5, 3, 17), (3, 4, 1, 9, 1)]
-
-
-@pytest.fixture(scope="module")
-def extension():
-    """The C++ extension, built (or loaded) once per session; cpp tests skip only without a compiler."""
-    try:
-        return _cpp_lib.load()
-    except (_cpp_lib.MissingCompilerError, _cpp_lib.ExtensionDisabledError) as exc:
-        pytest.skip(f"C++ extension unavailable here: {exc}")
 
 
 def run_op(backend: str, request, *args, **kwargs) -> mp.MaskStats:
