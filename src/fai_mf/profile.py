@@ -261,7 +261,9 @@ def _make_random_model_realistic(m, images: torch.Tensor, keep: int) -> list[str
     everything = make_postprocess(m, tuple(images.shape[-2:]), threshold=0.0)(raw.class_logits, raw.mask_logits)[0]
     finals = sorted((d.conf for d in everything), reverse=True)
     k = min(keep, len(finals) - 1)
-    threshold = float(finals[k]) if k >= 0 else 0.0  # strict '>': exactly the k best pass
+    # halfway between the k-th and (k+1)-th best: a score equal to the threshold would be kept or not
+    # depending on the last bit of rounding, which differs between reference and fused paths
+    threshold = float(finals[k - 1] + finals[k]) / 2 if k >= 1 else 0.0
     m.config.threshold = threshold
     class_scores = m.model.class_probs(raw.class_logits.float())[0].max(-1).values
     candidates = int((class_scores > threshold).sum())
@@ -314,6 +316,7 @@ def profile(model: str, weights: str | None = None, resolution: int = 640, batch
         logger.warning("--cuda-graphs needs a CUDA device; timing without graphs on %s", dev)
         cuda_graphs = False
     if isinstance(model, str):
+        torch.manual_seed(seed)  # random zoo weights: the same model every run
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
             m = load_model(model, weights=weights, device=dev)
