@@ -130,18 +130,19 @@ def fpn_lateral_upsample_add_ref(x: torch.Tensor, weight: torch.Tensor, bias: to
 
 def fold_batchnorm(conv_weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
                    running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold an eval-mode BatchNorm into the 1x1 conv before it: (weight [Cout, Cin], bias [Cout]), fp32.
+    """Fold an eval-mode BatchNorm into the conv before it: (weight, bias [Cout]), fp32.
 
-    weight' = W · γ / sqrt(var + eps), bias' = β − mean · γ / sqrt(var + eps), computed in fp64.
-    Valid only for BatchNorm in eval mode (running statistics); training normalises by batch statistics.
+    conv_weight [Cout, Cin] (a 1x1 conv as a GEMM) or [Cout, Cin/groups, kh, kw]; the folded weight has
+    the same shape. weight' = W · γ / sqrt(var + eps), bias' = β − mean · γ / sqrt(var + eps), computed
+    in fp64. Valid only for BatchNorm in eval mode (running statistics); training normalises by batch
+    statistics.
     """
-    if conv_weight.dim() == 4:
-        if conv_weight.shape[2:] != (1, 1):
-            raise ValueError(f"fold_batchnorm: only 1x1 convs fold into a GEMM, got weight {tuple(conv_weight.shape)}")
-        conv_weight = conv_weight[:, :, 0, 0]
+    if conv_weight.dim() not in (2, 4):
+        raise ValueError(f"fold_batchnorm: conv weight must be [Cout, Cin] or [Cout, Cin, kh, kw], "
+                         f"got {tuple(conv_weight.shape)}")
     with torch.no_grad():
         scale = bn_weight.double() * torch.rsqrt(running_var.double() + eps)
-        weight = conv_weight.double() * scale[:, None]
+        weight = conv_weight.double() * scale.view(-1, *([1] * (conv_weight.dim() - 1)))
         bias = bn_bias.double() - running_mean.double() * scale
     return weight.float(), bias.float()
 

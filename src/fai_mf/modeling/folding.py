@@ -8,6 +8,8 @@ parameter names never change, so every checkpoint loads into either path.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,23 +17,35 @@ from torch import nn
 import mf_kernels
 
 
+def cached_on(module: nn.Module, attr: str, tensors: tuple[torch.Tensor, ...], eps: float,
+              compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compute()` cached in `module.__dict__[attr]` (outside the state_dict), recomputed when one of
+    `tensors` changes: load_state_dict, .to() and in-place updates bump the version or move the storage."""
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (eps,)
+    cached = module.__dict__.get(attr)
+    if cached is None or cached[0] != key:
+        cached = (key, *compute())
+        module.__dict__[attr] = cached
+    return cached[1], cached[2]
+
+
+def bn_tensors(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
+    return conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var
+
+
 def fold_conv_bn(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of `conv` with the eval-mode `norm` folded in, in the conv's dtype; cached on `conv`."""
-    tensors = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (norm.eps,)
-    cached = conv.__dict__.get("_folded_conv_bn")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            scale = norm.weight.double() * torch.rsqrt(norm.running_var.double() + norm.eps)
-            weight = (conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
-            bias = (norm.bias.double() - norm.running_mean.double() * scale).to(conv.weight.dtype)
-            if weight.device.type == "cpu":
-                # oneDNN runs a conv channels_last when its weight is: ~10% faster on CPU, and the layout
-                # then propagates through the following convs, pools and adds of the backbone
-                weight = weight.contiguous(memory_format=torch.channels_last)
-        cached = (key, weight, bias)
-        conv.__dict__["_folded_conv_bn"] = cached
-    return cached[1], cached[2]
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = mf_kernels.fold_batchnorm(*bn_tensors(conv, norm), norm.eps)
+        weight, bias = weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+        if weight.device.type == "cpu":
+            # oneDNN runs a conv channels_last when its weight is: ~10% faster on CPU, and the layout
+            # then propagates through the following convs, pools and adds of the backbone
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return weight, bias
+
+    return cached_on(conv, "_folded_conv_bn", bn_tensors(conv, norm), norm.eps, compute)
 
 
 def folding_applies(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> bool:

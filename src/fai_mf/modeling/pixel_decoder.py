@@ -14,7 +14,7 @@ import mf_kernels
 
 from ..config import MaskFormerConfig
 from .backbones import Backbone, build_backbone
-from .folding import conv_bn_act
+from .folding import bn_tensors, cached_on, conv_bn_act
 from .position_encoding import PositionEmbeddingSine
 
 
@@ -36,21 +36,11 @@ class ConvNorm(nn.Conv2d):
                 and self.norm.running_mean is not None)
 
     def folded_1x1(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight [Cout, Cin], bias [Cout]) fp32 of this 1x1 conv with its eval-mode BatchNorm folded in.
-
-        Cached on the module (not in the state_dict) and recomputed when a parameter or running statistic
-        changes (load_state_dict, .to(), in-place updates bump the version or move the storage).
-        """
-        norm = self.norm
-        tensors = (self.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (norm.eps,)
-        cached = self.__dict__.get("_folded_1x1")
-        if cached is None or cached[0] != key:
-            weight, bias = mf_kernels.fold_batchnorm(self.weight, norm.weight, norm.bias, norm.running_mean,
-                                                     norm.running_var, norm.eps)
-            cached = (key, weight, bias)
-            self.__dict__["_folded_1x1"] = cached
-        return cached[1], cached[2]
+        """(weight [Cout, Cin], bias [Cout]) fp32 of this 1x1 conv with its eval-mode BatchNorm folded in,
+        cached on the module (see `folding.cached_on`)."""
+        tensors = bn_tensors(self, self.norm)
+        return cached_on(self, "_folded_1x1", tensors, self.norm.eps,
+                         lambda: mf_kernels.fold_batchnorm(self.weight[:, :, 0, 0], *tensors[1:], self.norm.eps))
 
     def lateral_upsample_add(self, x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """`self(x) + nearest_upsample(coarse, x's size)`: the FPN top-down step with this adapter.
