@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+import mf_kernels
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("backbone", "pixel_decoder", "transformer_decoder", "postprocess")
@@ -123,8 +125,6 @@ def run_interleaved(m, images: torch.Tensor, postprocess: Callable, choices: lis
                     cuda_graphs: bool) -> list[RunResult]:
     """Profile `m` with each kernels choice on `images`, interleaving the choices iteration by iteration
     so that a change of machine load hits them alike (medians of `iters` samples each)."""
-    import mf_kernels
-
     device = images.device
     timer = Timer(device)
     stage_fns = _stage_fns(m, images, postprocess)
@@ -245,7 +245,7 @@ def _outputs(m, images: torch.Tensor, postprocess: Callable) -> dict[str, Any]:
             "detections": detections[0]}
 
 
-def _make_random_model_realistic(m, images: torch.Tensor, keep: int) -> list[str]:
+def make_random_model_realistic(m, images: torch.Tensor, keep: int) -> list[str]:
     """Random weights give masks that all sit near 0.5 and class scores all near 1/(C+1): post-processing
     would keep nothing, or expand every query, and the agreement check would compare empty lists.
     Make the workload look like a trained model's: sharpen the masks (scale `mask_features`) and the
@@ -256,7 +256,7 @@ def _make_random_model_realistic(m, images: torch.Tensor, keep: int) -> list[str
         m.model.pixel_decoder.mask_features.weight.mul_(40.0)
         heads.classifier.weight.mul_(8.0)
         heads.classifier.bias.mul_(8.0)
-        with mf_kernels_use("reference"):
+        with mf_kernels.use("reference"):
             raw = m.model.forward_raw(images[:1])
     everything = make_postprocess(m, tuple(images.shape[-2:]), threshold=0.0)(raw.class_logits, raw.mask_logits)[0]
     finals = sorted((d.conf for d in everything), reverse=True)
@@ -267,14 +267,9 @@ def _make_random_model_realistic(m, images: torch.Tensor, keep: int) -> list[str
     m.config.threshold = threshold
     class_scores = m.model.class_probs(raw.class_logits.float())[0].max(-1).values
     candidates = int((class_scores > threshold).sum())
+    kept = len(make_postprocess(m, tuple(images.shape[-2:]), threshold=threshold)(raw.class_logits, raw.mask_logits)[0])
     return [f"random weights: mask_features x40 and classifier x8 so masks and scores look trained, threshold "
-            f"{threshold:.4f}: {candidates} of {m.config.num_queries} queries are candidates, {k} kept"]
-
-
-def mf_kernels_use(choice: str):
-    import mf_kernels
-
-    return mf_kernels.use(choice)
+            f"{threshold:.4f}: {candidates} of {m.config.num_queries} queries are candidates, {kept} kept"]
 
 
 def make_postprocess(m, image_size: tuple[int, int], threshold: float | None = None) -> Callable:
@@ -292,19 +287,10 @@ def make_postprocess(m, image_size: tuple[int, int], threshold: float | None = N
     return postprocess
 
 
-def _set_kernels(m, kernels: str) -> dict[str, str]:
-    if not hasattr(m, "set_kernels"):
-        raise RuntimeError("this build has no kernel dispatch (FAIMFModel.set_kernels)")
-    m.set_kernels(kernels)
-    return {}
-
-
 def profile(model: str, weights: str | None = None, resolution: int = 640, batch: int = 1, dtype: str = "fp32",
             kernels: str = "auto", iters: int = 10, warmup: int = 2, cuda_graphs: bool = False,
             device: str | None = None, compare: bool = True, seed: int = 0, keep: int = 20) -> dict[str, Any]:
     """Profile `model` with `reference` and with `kernels` on one synthetic image batch; returns a JSON-able dict."""
-    import mf_kernels
-
     from . import load_model
     from .demo import synthetic_image
     from .zoo import ZOO
@@ -330,14 +316,13 @@ def profile(model: str, weights: str | None = None, resolution: int = 640, batch
 
     notes = []
     if random_weights:
-        notes += _make_random_model_realistic(m, images, keep=keep)
+        notes += make_random_model_realistic(m, images, keep=keep)
     postprocess = make_postprocess(m, (resolution, resolution), threshold=m.config.threshold)
 
     outputs = {}
     choices = ["reference"] + ([kernels] if compare and kernels != "reference" else [])
     if not compare:
         choices = [kernels]
-    _set_kernels(m, choices[0])
     runs = run_interleaved(m, images, postprocess, choices, iters, warmup, cuda_graphs)
     for run in runs:
         m.set_kernels(run.kernels)
@@ -360,14 +345,10 @@ def profile(model: str, weights: str | None = None, resolution: int = 640, batch
 
 def kernel_report() -> dict[str, str]:
     """op -> backend of its latest call (call `reset_kernel_report` before the run to attribute)."""
-    import mf_kernels
-
     return mf_kernels.dispatch.last_choices()
 
 
 def reset_kernel_report() -> None:
-    import mf_kernels
-
     for op in mf_kernels.dispatch.OPS.values():
         op.last_backend = None
 

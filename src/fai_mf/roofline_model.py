@@ -130,7 +130,7 @@ def model_roofline(model: str, resolution: int = 640, device: str = "t4", measur
     from .demo import synthetic_image
     from .postprocess import PostprocessOptions
     from .predict import detections_from_raw
-    from .profile import _make_random_model_realistic
+    from .profile import make_random_model_realistic
 
     if device.lower() != "t4":
         raise ValueError(f"only the T4 roofline is defined (320 GB/s, 65 TFLOP/s fp16 TC, 8.1 fp32), got {device!r}")
@@ -139,7 +139,7 @@ def model_roofline(model: str, resolution: int = 640, device: str = "t4", measur
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
         m = load_model(model)
     images = synthetic_image(resolution, resolution)
-    _make_random_model_realistic(m, images, keep=20)
+    make_random_model_realistic(m, images, keep=20)
     options = PostprocessOptions.from_config(m.config)
     with mf_kernels.use("auto"), torch.inference_mode(), record_op_calls() as calls:
         raw = m.model.forward_raw(images)

@@ -80,14 +80,14 @@ class FAIMaskFormer(nn.Module):
         mean, std = self.pixel_mean.to(images.dtype), self.pixel_std.to(images.dtype)
         return (images.to(self.device) - mean) / std
 
-    def forward_predictions(self, images: torch.Tensor) -> list[LayerPrediction]:
+    def forward_predictions(self, images: torch.Tensor, intermediate: bool = True) -> list[LayerPrediction]:
+        """Every prediction of the decoder (`intermediate=False`: possibly only the last, see the decoder)."""
         mask_features, multi_scale = self.pixel_decoder(self.normalize(images))
-        return self.head.predictor(multi_scale, mask_features)
+        return self.head.predictor(multi_scale, mask_features, intermediate=intermediate)
 
     def forward_raw(self, images: torch.Tensor) -> RawOutput:
         """Raw head output: class_logits [B, Q, C+1], mask_logits [B, Q, ceil(H/4), ceil(W/4)]."""
-        mask_features, multi_scale = self.pixel_decoder(self.normalize(images))
-        predictions = self.head.predictor(multi_scale, mask_features, intermediate=self.training)
+        predictions = self.forward_predictions(images, intermediate=self.training)
         last = predictions[-1]
         aux = predictions[:-1] if self.training else []
         return RawOutput(last.class_logits, last.mask_logits, aux)
