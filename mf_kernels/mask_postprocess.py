@@ -601,8 +601,13 @@ def detections_from_logits(mask_logits: torch.Tensor, class_probs: torch.Tensor,
         stats = mask_postprocess(mask_logits, size, scores=scores, queries=candidates, rle=want_rle, crops=want_crops)
     else:
         stats = mask_postprocess(mask_logits, size, mask_threshold, queries=candidates, rle=want_rle, crops=want_crops)
-    final = scores[candidates] * stats.mask_scores().to(scores.device) if use_mask_score else scores[candidates]
-    keep = ((stats.areas.to(final.device) > 1) & (final > threshold)).cpu()
+    # the selection below runs on the host, on K small per-candidate values copied once each
+    candidates, classes = candidates.cpu(), classes.cpu()
+    areas, boxes = stats.areas.cpu(), stats.boxes.cpu()
+    final = scores.cpu()[candidates]
+    if use_mask_score:
+        final = final * stats.mask_scores().cpu()
+    keep = (areas > 1) & (final > threshold)
     kept = keep.nonzero().flatten().tolist()
     masks = None
     if want_rle:
@@ -610,9 +615,9 @@ def detections_from_logits(mask_logits: torch.Tensor, class_probs: torch.Tensor,
         masks = [json.dumps({"size": list(size), "counts": s}) for s in strings]
     elif want_crops:
         masks = [base64.b64encode(png).decode("ascii") for png in encode_png_crops([stats.crops[k] for k in kept])]
-    indices = candidates.cpu()[keep]
-    return KeptQueries(indices=indices, classes=classes.cpu()[indices], scores=final.cpu()[keep],
-                       boxes=stats.boxes.cpu()[keep], areas=stats.areas.cpu()[keep], masks=masks, image_size=size)
+    indices = candidates[keep]
+    return KeptQueries(indices=indices, classes=classes[indices], scores=final[keep], boxes=boxes[keep],
+                       areas=areas[keep], masks=masks, image_size=size)
 
 
 # ----------------------------------------------------------------------------------------------------
