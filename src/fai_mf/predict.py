@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+import mf_kernels
+from mf_kernels.mask_postprocess import detections_from_logits
+
 from .formats import FocoosDet, FocoosDetections, check_mask_format, encode_mask
 from .inputs import LoadedImage, load_images
 from .postprocess import PostprocessOptions, QueryResults, postprocess_queries
@@ -79,9 +82,6 @@ def detections_from_raw(mask_logits: torch.Tensor, class_probs: torch.Tensor, im
     post-processing ops (`mf_kernels.mask_postprocess.detections_from_logits`: only the kept queries are
     expanded, straight from the stride-4 logits, with the backend the dispatch picks).
     """
-    import mf_kernels
-    from mf_kernels.mask_postprocess import detections_from_logits
-
     choice = kernels or mf_kernels.current_choice()
     with torch.inference_mode(), mf_kernels.use(choice):
         if choice == "reference":
