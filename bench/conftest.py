@@ -9,16 +9,15 @@ the median of `triton.testing.do_bench` (CUDA events, L2 flushed before every ru
 """
 from __future__ import annotations
 
-import functools
 import platform
-import subprocess
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from fai_mf.profile import git_sha
+
+GIT_SHA = git_sha() or "unknown"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -31,15 +30,6 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.benchmark_max_time = 0.0
         config.option.benchmark_warmup = False
         config.option.benchmark_calibration_precision = 1
-
-
-@functools.lru_cache(maxsize=None)
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def device_name(device: str | torch.device) -> str:
@@ -55,19 +45,30 @@ def bench_cases() -> list[tuple[str, torch.dtype]]:
     return cases
 
 
-def record_environment(benchmark: Any, device: str, dtype: torch.dtype, backend: str, shape: str, **extra: Any) -> None:
-    info = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "backend": backend,
-            "shape": shape, "torch": torch.__version__, "threads": torch.get_num_threads(), "git_sha": git_sha()}
+def versions() -> dict[str, Any]:
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "git_sha": GIT_SHA}
     try:
         import triton
 
         info["triton"] = triton.__version__
     except ImportError:
         pass
-    if torch.device(device).type == "cuda":
+    if torch.cuda.is_available():
         info["cuda"] = torch.version.cuda
-    info.update(extra)
-    benchmark.extra_info.update(info)
+    return info
+
+
+@pytest.fixture(autouse=True)
+def _record_versions(request: pytest.FixtureRequest) -> None:
+    """Every benchmark result carries the versions and git SHA, whichever way it is timed."""
+    if "benchmark" in request.fixturenames:
+        # the device defaults to the CPU; `record_environment` (used by `timed`) names the real one
+        request.getfixturevalue("benchmark").extra_info.update({"device": device_name("cpu"), **versions()})
+
+
+def record_environment(benchmark: Any, device: str, dtype: torch.dtype, backend: str, shape: str, **extra: Any) -> None:
+    benchmark.extra_info.update({"device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+                                 "backend": backend, "shape": shape, **versions(), **extra})
 
 
 @pytest.fixture
