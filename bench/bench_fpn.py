@@ -24,10 +24,10 @@ from conftest import bench_cases
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 
 
-def _skip_unless_runnable(op, backend: str, device: str, dtype: torch.dtype) -> None:
-    if backend == "triton" and device == "cpu":
+def _skip_unless_runnable(op, backend: str, inputs: tuple) -> None:
+    if backend == "triton" and inputs[0].device.type == "cpu":
         pytest.skip("Triton on CPU is the interpreter: a test vehicle, not timed")
-    reasons = op.reasons(backend, mf_kernels.dispatch.make_inputs(device, dtype, numel=1, grad=False))
+    reasons = op.reasons(backend, op.inputs_of(*inputs))
     if reasons:
         pytest.skip(f"{op.name}[{backend}]: {'; '.join(reasons)}")
 
@@ -40,8 +40,8 @@ IDS = [f"{s.model.replace('fai-mf-', '')}-{s.level}-{d}-{str(t).replace('torch.'
 @pytest.mark.parametrize("shape,device,dtype", CASES, ids=IDS)
 @torch.inference_mode()
 def test_fpn_upsample_add(timed, shape, device, dtype, backend):
-    _skip_unless_runnable(fpn.fpn_upsample_add, backend, device, dtype)
     lateral, coarse = shape.upsample_inputs(dtype, device, torch.Generator().manual_seed(0))
+    _skip_unless_runnable(fpn.fpn_upsample_add, backend, (lateral, coarse))
     with mf_kernels.use(backend):
         timed(lambda: mf_kernels.fpn_upsample_add(lateral, coarse), device, dtype=dtype, backend=backend,
               shape=shape.name)
@@ -64,7 +64,7 @@ def test_fpn_lateral_upsample_add(timed, shape, device, dtype, backend):
 
         timed(unfolded, device, dtype=dtype, backend=backend, shape=shape.name)
         return
-    _skip_unless_runnable(fpn.fpn_lateral_upsample_add, backend, device, dtype)
+    _skip_unless_runnable(fpn.fpn_lateral_upsample_add, backend, (x, weight, bias, coarse))
     with mf_kernels.use(backend):
         timed(lambda: mf_kernels.fpn_lateral_upsample_add(x, weight, bias, coarse), device, dtype=dtype,
               backend=backend, shape=shape.name)

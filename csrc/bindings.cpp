@@ -85,12 +85,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("want_crops"));
   m.def("semantic_label_map", &mf::semantic_label_map_cpu, release_gil(), "int64 [H, W] semantic argmax",
         py::arg("logits"), py::arg("class_probs"), py::arg("H"), py::arg("W"));
+
+  // ---- host side (encode.cpp): the GPU paths' bit masks, and encoders (lists in parallel, no GIL) ----
   m.def("rle_counts_from_bits", &mf::rle_counts_from_bits, release_gil(),
         "RLE counts of bit masks inside their boxes", py::arg("bits"), py::arg("boxes"), py::arg("W"));
   m.def("crops_from_bits", &mf::crops_from_bits, release_gil(), "bool bbox crops of bit masks", py::arg("bits"),
         py::arg("boxes"), py::arg("W"));
-
-  // ---- host encoders (encode.cpp): lists are encoded in parallel, without the GIL ----
   m.def(
       "rle_string", [](const at::Tensor& counts) { return py::bytes(mf::rle_string(counts)); },
       "COCO compressed RLE string (bytes) of int64 run lengths", py::arg("counts"));

@@ -1,5 +1,5 @@
-// Host encoders of SPEC §3: COCO run lengths of dense masks, the compressed RLE string, and the PNG of a
-// mask crop.
+// Host side of SPEC §3: COCO run lengths of dense masks and of the GPU backends' bit masks, the compressed
+// RLE string, box crops of bit masks, and the PNG of a mask crop.
 //
 // PNG: 8-bit grayscale (0 / 255), no interlace, every row with filter type 2 ("Up": the byte minus the
 // byte above, so a row equal to the previous one is all zeros and compresses to almost nothing). With
@@ -8,12 +8,16 @@
 // stored (uncompressed) deflate blocks with our own CRC-32 and Adler-32: a larger file but a valid PNG
 // that every decoder reads. The bytes differ from Pillow's (other filters and settings); the decoded
 // pixels are equal.
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "ops.h"
+#include "postprocess.h"
+#include "runs.h"
 
 #ifdef MF_WITH_ZLIB
 #include <zlib.h>
@@ -62,33 +66,26 @@ std::vector<int64_t> rle_counts_dense(const at::Tensor& mask) {
   TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte,
               "rle_encode: mask must be bool or uint8, got ", mask.scalar_type());
   const int64_t H = mask.size(0), W = mask.size(1), n = H * W;
-  std::vector<int64_t> counts;
   if (n == 0) return {0};
-  int64_t run_start = 0;
-  bool value = false;
-  auto flip_at = [&](int64_t flat) {  // the value changes at column-major index `flat`
-    counts.push_back(flat - run_start);
-    run_start = flat;
-    value = !value;
-  };
+  RunCounter runs;
   if (mask.stride(0) == 1 && mask.stride(1) == H) {  // column-major in memory: one contiguous scan
     const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr());
     int64_t i = 0;
     while (i < n) {
       // Skip 8 pixels at a time while they all hold the current value (0 bytes, or 1 bytes of a bool mask).
-      const uint64_t same = value ? 0x0101010101010101ull : 0ull;
+      const uint64_t same = runs.value ? 0x0101010101010101ull : 0ull;
       uint64_t word;
       while (i + 8 <= n && (std::memcpy(&word, m + i, 8), word == same)) i += 8;
       const int64_t stop = std::min(n, i + 8);
       for (; i < stop; ++i)
-        if ((m[i] != 0) != value) {
-          flip_at(i);
+        if ((m[i] != 0) != runs.value) {
+          runs.flip(i);
           ++i;
           break;
         }
     }
-    counts.push_back(n - run_start);
-    return counts;
+    runs.finish(n);
+    return std::move(runs.counts);
   }
   const at::Tensor c = mask.contiguous();
   const uint8_t* m = reinterpret_cast<const uint8_t*>(c.data_ptr());
@@ -110,16 +107,96 @@ std::vector<int64_t> rle_counts_dense(const at::Tensor& mask) {
       if ((row[x] != 0) != (prev[x] != 0)) flips[x].push_back((int32_t)y);
   }
   for (int64_t x = 0; x < W; ++x) {
-    if ((m[x] != 0) != value) flip_at(x * H);  // the column starts with another value than the last one
-    for (int32_t y : flips[x]) flip_at(x * H + y);
+    runs.at(m[x] != 0, x * H);  // the column starts with another value than the last one
+    for (int32_t y : flips[x]) runs.flip(x * H + y);
   }
-  counts.push_back(n - run_start);
-  return counts;
+  runs.finish(n);
+  return std::move(runs.counts);
 }
 
 std::string rle_encode(const at::Tensor& mask) {
   const std::vector<int64_t> counts = rle_counts_dense(mask);
   return rle_string(at::from_blob(const_cast<int64_t*>(counts.data()), {(int64_t)counts.size()}, at::kLong));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Bit masks of the GPU backends (layout in postprocess.h) -> RLE counts / crops, reading only the bbox.
+// ------------------------------------------------------------------------------------------------
+namespace {
+
+void check_bits(const at::Tensor& bits, const at::Tensor& boxes, int64_t W) {
+  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == at::kByte && bits.dim() == 3 && bits.is_contiguous(),
+              "bit masks must be a contiguous CPU uint8 tensor [K, H, row_bytes], got ", bits.sizes(), " ",
+              bits.scalar_type());
+  TORCH_CHECK(W >= 1 && bits.size(2) == 4 * mf_bit_words((int32_t)W), "bit masks of width ", W, " need ",
+              4 * mf_bit_words((int32_t)W), " bytes per row, got ", bits.size(2));
+  TORCH_CHECK(boxes.device().is_cpu() && boxes.scalar_type() == at::kInt && boxes.dim() == 2 &&
+                  boxes.size(0) == bits.size(0) && boxes.size(1) == 4,
+              "boxes must be a CPU int32 tensor [K, 4], got ", boxes.sizes(), " ", boxes.scalar_type());
+}
+
+inline bool bit_at(const uint8_t* mask, int64_t row_bytes, int64_t y, int64_t x) {
+  return (mask[y * row_bytes + (x >> 3)] >> (x & 7)) & 1;
+}
+
+// Column-major run lengths of one H x W bit mask whose foreground lies in the inclusive box [x1, y1, x2, y2]
+// (x2 < 0: empty).
+std::vector<int64_t> box_runs(const uint8_t* mask, int64_t row_bytes, int64_t H, int64_t W, const int32_t* box) {
+  const int64_t x1 = box[0], y1 = box[1], x2 = box[2], y2 = box[3];
+  RunCounter runs;
+  if (x2 >= 0) {  // pixels outside the box are 0
+    for (int64_t x = x1; x <= x2; ++x) {
+      for (int64_t y = y1; y <= y2; ++y) runs.at(bit_at(mask, row_bytes, y, x), x * H + y);
+      const int64_t next = x * H + y2 + 1;  // the pixel after this column's part of the box is 0 ...
+      const bool next_in_box = y2 == H - 1 && y1 == 0 && x < x2;  // ... unless the next column takes over
+      if (!next_in_box && next < H * W) runs.at(false, next);
+    }
+  }
+  runs.finish(H * W);
+  return std::move(runs.counts);
+}
+
+}  // namespace
+
+std::vector<at::Tensor> rle_counts_from_bits(const at::Tensor& bits, const at::Tensor& boxes, int64_t W) {
+  check_bits(bits, boxes, W);
+  const int64_t K = bits.size(0), H = bits.size(1), row_bytes = bits.size(2);
+  const at::Tensor boxes_c = boxes.contiguous();
+  const int32_t* B = boxes_c.data_ptr<int32_t>();
+  const uint8_t* masks = bits.data_ptr<uint8_t>();
+  std::vector<std::vector<int64_t>> all(K);
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) all[k] = box_runs(masks + k * H * row_bytes, row_bytes, H, W, B + 4 * k);
+  });
+  std::vector<at::Tensor> out;
+  for (auto& c : all) {
+    at::Tensor t = at::empty({(int64_t)c.size()}, at::kLong);
+    std::memcpy(t.data_ptr<int64_t>(), c.data(), c.size() * sizeof(int64_t));
+    out.push_back(t);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> crops_from_bits(const at::Tensor& bits, const at::Tensor& boxes, int64_t W) {
+  check_bits(bits, boxes, W);
+  const int64_t K = bits.size(0), H = bits.size(1), row_bytes = bits.size(2);
+  const at::Tensor boxes_c = boxes.contiguous();
+  const int32_t* B = boxes_c.data_ptr<int32_t>();
+  std::vector<at::Tensor> out;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t x1 = B[4 * k], y1 = B[4 * k + 1], x2 = B[4 * k + 2], y2 = B[4 * k + 3];
+    if (x2 < 0) {
+      out.push_back(at::empty({0, 0}, at::kBool));
+      continue;
+    }
+    at::Tensor crop = at::empty({y2 - y1 + 1, x2 - x1 + 1}, at::kBool);
+    bool* c = crop.data_ptr<bool>();
+    const uint8_t* mask = bits.data_ptr<uint8_t>() + k * H * row_bytes;
+    for (int64_t y = y1; y <= y2; ++y)
+      for (int64_t x = x1; x <= x2; ++x) *c++ = bit_at(mask, row_bytes, y, x);
+    out.push_back(crop);
+  }
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------------

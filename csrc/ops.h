@@ -31,12 +31,12 @@ MaskStats owner_stats_cpu(const at::Tensor& logits, const at::Tensor& scores, co
 // Semantic label map int64 [H, W] = argmax_c sum_q class_probs[q, c] * bilinear(sigmoid(logits[q])).
 at::Tensor semantic_label_map_cpu(const at::Tensor& logits, const at::Tensor& class_probs, int64_t H, int64_t W);
 
+// ---- encode.cpp (host side: encoders, bit-mask decoding) ----
+
 // Host side of the GPU paths: from bit masks uint8 [K, H, 4 * ceil(W / 32)] (layout in postprocess.h)
 // and boxes int32 [K, 4] (CPU tensors) to the RLE counts / inclusive crops of each mask.
 std::vector<at::Tensor> rle_counts_from_bits(const at::Tensor& bits, const at::Tensor& boxes, int64_t W);
 std::vector<at::Tensor> crops_from_bits(const at::Tensor& bits, const at::Tensor& boxes, int64_t W);
-
-// ---- encode.cpp (host encoders) ----
 
 // COCO compressed RLE string of run lengths (int64 [N]), byte-identical to pycocotools' rleToString.
 std::string rle_string(const at::Tensor& counts);
@@ -48,7 +48,7 @@ std::string png_encode(const at::Tensor& mask);
 // Whether png_encode compresses with zlib (else it writes stored deflate blocks).
 bool png_uses_zlib();
 
-// ---- fpn.cpp (FPN half of issue 5) ----
+// ---- fpn.cpp ----
 
 // lateral [B, C, H, W] + nearest_upsample(coarse [B, C, h, w], (H, W)), PyTorch's "nearest" rule, written
 // to `out` when given (it may alias lateral), else to a new tensor.

@@ -3,12 +3,14 @@
 // postprocess.h. Nothing here writes a float mask at image size:
 //
 // - mask_stats_kernel, grid (K, row blocks), 256 threads = 8 warps: a block covers kStatsRows output
-//   rows of one query; each warp takes 32 consecutive columns at a time, so `__ballot_sync` turns the 32
-//   foreground flags into one word of the bit mask. Threshold mode interpolates the fp32 sigmoid
-//   probabilities (mf_pp_sigmoid) with PyTorch's taps (mf_linear_tap); ownership mode reads the owner
-//   map. Per-block partials (area, prob sum, box) go to a workspace and finalize_stats_kernel reduces
-//   them per query in a fixed order: deterministic, no float atomics. Queries vary fastest in the grid
-//   so the K blocks of one row block share its owner-map rows through L2 in ownership mode.
+//   rows of one query (gridDim.y <= 65535, so H <= 262140: the dispatcher refuses taller images,
+//   mf_kernels/postprocess/limits.py); each warp takes 32 consecutive columns at a time, so
+//   `__ballot_sync` turns the 32 foreground flags into one word of the bit mask. Threshold mode
+//   interpolates the fp32 sigmoid probabilities (mf_pp_sigmoid) with PyTorch's taps (mf_linear_tap);
+//   ownership mode reads the owner map. Per-block partials (area, prob sum, box) go to a workspace and
+//   finalize_stats_kernel reduces them per query in a fixed order: deterministic, no float atomics.
+//   Queries vary fastest in the grid so the K blocks of one row block share its owner-map rows through
+//   L2 in ownership mode.
 // - owner_kernel: one thread per pixel, argmax over all Q queries of score * prob (ties to the lowest q).
 // - semantic_argmax_kernel: one thread per pixel, argmax over C of the bilinear value of the stride-4
 //   class maps (computed by a cuBLAS GEMM in cuda_bindings.cpp).
@@ -67,6 +69,17 @@ __device__ __forceinline__ int warp_max(int v) {
   return v;
 }
 
+// Lane 0 ends with the warp's total area and prob sum and the union of its boxes.
+template <typename Area>
+__device__ __forceinline__ void warp_reduce_stats(Area& area, float& sum, int& x1, int& y1, int& x2, int& y2) {
+  area = warp_sum(area);
+  sum = warp_sum(sum);
+  x1 = warp_min(x1);
+  y1 = warp_min(y1);
+  x2 = warp_max(x2);
+  y2 = warp_max(y2);
+}
+
 // probs: [K, h, w] (threshold mode) | owner, owner_prob: [H, W], queries: [K] (ownership mode).
 // bits: [K, H, words] or null. partials: [K, n_blocks].
 __global__ void mask_stats_kernel(const float* __restrict__ probs, int h, int w, int H, int W, float thr, int strict,
@@ -110,12 +123,7 @@ __global__ void mask_stats_kernel(const float* __restrict__ probs, int h, int w,
       }
     }
   }
-  area = warp_sum(area);
-  sum = warp_sum(sum);
-  x1 = warp_min(x1);
-  y1 = warp_min(y1);
-  x2 = warp_max(x2);
-  y2 = warp_max(y2);
+  warp_reduce_stats(area, sum, x1, y1, x2, y2);
   __shared__ StatsPartial per_warp[kWarps];
   if (lane == 0) per_warp[warp] = StatsPartial{area, sum, x1, y1, x2, y2};
   __syncthreads();
@@ -151,12 +159,7 @@ __global__ void finalize_stats_kernel(const StatsPartial* __restrict__ partials,
     x2 = max(x2, p.x2);
     y2 = max(y2, p.y2);
   }
-  area = warp_sum(area);
-  sum = warp_sum(sum);
-  x1 = warp_min(x1);
-  y1 = warp_min(y1);
-  x2 = warp_max(x2);
-  y2 = warp_max(y2);
+  warp_reduce_stats(area, sum, x1, y1, x2, y2);
   __shared__ long long s_area[kWarps];
   __shared__ float s_sum[kWarps];
   __shared__ int s_box[kWarps][4];

@@ -18,9 +18,10 @@ The choice, innermost first: a model's own `kernels` (`fai_mf.load_model(..., ke
 the environment variable `MF_KERNELS`, else "auto".
 
 - "auto" walks `AUTO_ORDER[device type]` (CUDA: triton > cuda > sdpa > reference; CPU: cpp > sdpa >
-  reference; the Triton interpreter is a test vehicle, never picked by auto) and takes the first
-  implementation that accepts the inputs. Its choice is logged once (INFO); a fall back to the
-  reference is logged once (WARNING) with every refusal.
+  reference; the Triton interpreter is a test vehicle, never picked by auto), or an op's own
+  `AutoPreference` where one applies (the FPN lateral op prefers cuda on sm_75 for fp16), and takes the
+  first implementation that accepts the inputs. Its choice is logged once (INFO); a fall back to the
+  reference is logged once (WARNING) with every refusal. `python -m mf_kernels.info` prints both orders.
 - A named backend is strict: if the op implements it but it refuses these inputs, `NotSupportedError`
   lists the reasons. If the op has no implementation for it at all (e.g. `cpp` for masked attention),
   the op runs its reference and says so once in the log, so that one model-wide flag can name a
@@ -34,6 +35,7 @@ import functools
 import importlib.util
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -53,6 +55,23 @@ AUTO_ORDER = {
 }
 NOT_IMPLEMENTED = "not implemented for this op"
 NO_CUDA = "no CUDA device is available"
+INT32_LIMIT = 2**31 - 1  # the fused kernels index elements with int32
+INT32_REASON = "more than 2**31 - 1 elements: the kernels index with int32"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_reason(dtype: torch.dtype, supported: tuple[torch.dtype, ...]) -> str:
+    """The one wording of a dtype refusal (the dispatcher's and the launchers' errors)."""
+    return f"dtype {dtype_name(dtype)} not supported (supports {', '.join(map(dtype_name, supported))})"
+
+
+def exceeds_int32(*numels: int) -> bool:
+    """Whether any count breaks int32 indexing: a bool, so the selection cache keeps one key per class of
+    size instead of one per image size."""
+    return max(numels) > INT32_LIMIT
 
 
 class NotSupportedError(RuntimeError):
@@ -85,7 +104,7 @@ class Inputs:
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k}={v}" for k, v in self.extra)
-        return f"{self.device.type}, {str(self.dtype).replace('torch.', '')}" + (f", {sizes}" if sizes else "")
+        return f"{self.device.type}, {dtype_name(self.dtype)}" + (f", {sizes}" if sizes else "")
 
 
 def make_inputs(device: torch.device, dtype: torch.dtype, **extra: Any) -> Inputs:
@@ -121,8 +140,7 @@ class Implementation:
         """Every reason this implementation refuses `inputs`; [] when it accepts them."""
         reasons = self.availability_reasons(inputs.device.type)
         if inputs.dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            reasons.append(f"dtype {str(inputs.dtype).replace('torch.', '')} not supported (supports {names})")
+            reasons.append(dtype_reason(inputs.dtype, self.dtypes))
         if inputs.device.type in self.devices:  # size limits matter only where it could run at all
             reasons += self.check(inputs)
         return reasons
@@ -217,6 +235,31 @@ def _modules_to_depth(module: torch.nn.Module, depth: int) -> Iterator[torch.nn.
 # Ops
 
 
+@dataclass(frozen=True)
+class AutoPreference:
+    """An op's own auto order where the device-wide `AUTO_ORDER` is not the fastest: on `device` tensors of
+    `dtypes` (all when empty) on GPUs below compute capability `below` (any when None), auto walks `order`.
+    `why` says what it rests on; `python -m mf_kernels.info` prints it."""
+
+    device: str
+    order: tuple[str, ...]
+    why: str
+    dtypes: tuple[torch.dtype, ...] = ()
+    below: tuple[int, int] | None = None
+
+    def applies(self, inputs: Inputs) -> bool:
+        if inputs.device.type != self.device or (self.dtypes and inputs.dtype not in self.dtypes):
+            return False
+        # only CUDA inputs reach the capability query, so CPU calls never touch CUDA
+        return self.below is None or torch.cuda.get_device_capability(inputs.device) < self.below
+
+    def describe(self) -> str:
+        when = [self.device] + ([", ".join(map(dtype_name, self.dtypes))] if self.dtypes else [])
+        if self.below is not None:
+            when.append(f"below sm_{self.below[0]}{self.below[1]}")
+        return f"{' '.join(when)}: {' > '.join(self.order)} ({self.why})"
+
+
 @dataclass
 class Op:
     """An op: its reference, how to read `Inputs` off a call, and its implementations per backend."""
@@ -225,6 +268,7 @@ class Op:
     reference: Callable[..., Any]
     inputs_of: Callable[..., Inputs]
     implementations: dict[str, Implementation] = field(default_factory=dict)
+    auto_preferences: list[AutoPreference] = field(default_factory=list)
     last_backend: str | None = None  # the backend of the latest call (profiling reports)
     _selected: dict[tuple[str, Inputs], Implementation] = field(default_factory=dict, repr=False)
     _logged: set[tuple] = field(default_factory=set, repr=False)
@@ -280,8 +324,20 @@ class Op:
                                     f"({inputs.describe()}):\n" + "\n".join(f"  - {r}" for r in reasons))
         return impl
 
+    def prefer(self, preference: AutoPreference) -> None:
+        """Add an op-specific auto order (see `AutoPreference`); the first that applies wins."""
+        self.auto_preferences.append(preference)
+        self._selected.clear()
+
+    def auto_order(self, inputs: Inputs) -> tuple[str, ...]:
+        """The backends auto tries for `inputs`, fastest first."""
+        for preference in self.auto_preferences:
+            if preference.applies(inputs):
+                return preference.order
+        return AUTO_ORDER.get(inputs.device.type, ("reference",))
+
     def _select_auto(self, inputs: Inputs) -> Implementation:
-        order = AUTO_ORDER.get(inputs.device.type, ("reference",))
+        order = self.auto_order(inputs)
         refusals = []
         for backend in order:
             reasons = self.reasons(backend, inputs)
@@ -337,13 +393,26 @@ def last_choices() -> dict[str, str]:
     return {name: op.last_backend for name, op in sorted(OPS.items()) if op.last_backend is not None}
 
 
-ROOFLINE_PROVIDERS: dict[str, Any] = {}
+@dataclass(frozen=True)
+class RooflineProvider:
+    """Where an op family declares its roofline (bytes, FLOPs) once, as "package.module:function" names
+    imported only when a report runs: `rows()` -> the rows at the SPEC §5 shapes (`python -m
+    mf_kernels.roofline`); `call_rows(op, args, kwargs, dtype)` -> the rows of one recorded call as the T4
+    would run it in `dtype` (`fai-mf bench roofline`)."""
+
+    ops: tuple[str, ...]
+    rows: str
+    call_rows: str
 
 
-def register_roofline_provider(op: str, provider: Any) -> None:
-    """Declare an op's roofline rows for `python -m mf_kernels.roofline`: a callable () -> list[roofline.Row]
-    or "package.module:function" (imported only when the report runs)."""
-    ROOFLINE_PROVIDERS[op] = provider
+ROOFLINE_PROVIDERS: dict[str, RooflineProvider] = {}  # by op name; the ops of one family share a provider
+
+
+def register_roofline_provider(ops: tuple[str, ...], rows: str, call_rows: str) -> None:
+    """Declare the roofline of `ops` (see `RooflineProvider`)."""
+    provider = RooflineProvider(tuple(ops), rows, call_rows)
+    for op in provider.ops:
+        ROOFLINE_PROVIDERS[op] = provider
 
 
 def clear_caches() -> None:
@@ -375,7 +444,7 @@ def triton_environment(kernels_module: str) -> Callable[[str], list[str]]:
     def environment(device_type: str) -> list[str]:
         if not triton_importable():
             return ["triton is not installed (pip install triton)"]
-        module = _loaded_module(kernels_module)
+        module = sys.modules.get(kernels_module)
         interpreted = module.INTERPRETED if module is not None else interpreter_requested()
         if device_type == "cpu":
             if not interpreted:
@@ -386,12 +455,6 @@ def triton_environment(kernels_module: str) -> Callable[[str], list[str]]:
         return cuda_capability_reasons(min_capability=(7, 5), who="Triton")
 
     return environment
-
-
-def _loaded_module(name: str) -> Any:
-    import sys
-
-    return sys.modules.get(name)
 
 
 def cuda_capability_reasons(min_capability: tuple[int, int], who: str) -> list[str]:
@@ -405,20 +468,11 @@ def cuda_capability_reasons(min_capability: tuple[int, int], who: str) -> list[s
 
 
 def extension_environment(device_type: str) -> list[str]:
-    """Environment check for `cpp` / `cuda` implementations: the extension must be built and loadable."""
-    reasons = extension_status_reasons()
+    """Environment check of every `cpp` / `cuda` implementation: `mf_kernels._cpp_lib` says whether the
+    extension loads (and, for CUDA tensors, has its CUDA kernels); then the GPU must be sm_75+."""
+    from . import _cpp_lib
+
+    reasons = _cpp_lib.unavailable_reasons(device_type)
     if not reasons and device_type == "cuda":
         reasons = cuda_capability_reasons(min_capability=(7, 5), who="the CUDA extension")
     return reasons
-
-
-def extension_status_reasons() -> list[str]:
-    """Why `mf_kernels._C` cannot be used; [] when it can. A later `mf_kernels._cpp_lib` owns the loading
-    (and its typed errors); until it exists, only the presence of the built module is checked."""
-    if importlib.util.find_spec("mf_kernels._cpp_lib") is not None:
-        from . import _cpp_lib  # type: ignore[attr-defined]
-
-        return list(_cpp_lib.unavailable_reasons())
-    if importlib.util.find_spec("mf_kernels._C") is None:
-        return ["extension mf_kernels._C is not built (pip install -e . with ninja and a compiler)"]
-    return []

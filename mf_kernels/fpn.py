@@ -1,4 +1,4 @@
-"""FPN top-down step of the pixel decoder (SPEC §4.2): references, BN folding, roofline, registration.
+"""FPN top-down step of the pixel decoder (SPEC §4.2): references, BN folding, backends, registration, roofline.
 
 Two ops:
   fpn_upsample_add(lateral [B, C, H, W], coarse [B, C, h, w]) -> [B, C, H, W]
@@ -12,93 +12,29 @@ Nearest index rule, as PyTorch's `F.interpolate(mode="nearest", size=...)`: scal
 src = min(floor(dst * scale), in - 1), the product rounded to fp32 (H need not be a multiple of h: the
 backbones ceil-divide, so a 25x37 lateral meets a 13x19 coarse map).
 
-Implementations (`mf_kernels.dispatch` picks one):
+Implementations (`mf_kernels.dispatch` picks one; what each accepts: `mf_kernels.fpn_limits`):
   reference  the functions `*_ref` below (the single source of truth; the model's reference path keeps
              conv + BN + interpolate + add, see `fai_mf.modeling.pixel_decoder.ConvNorm`)
   triton     `mf_kernels.fpn_triton`: a strided upsample-add kernel and the GEMM with the add in its
              epilogue; on sm_75 its `tl.dot` has no tensor cores, so there the lateral op runs cuDNN's
-             conv followed by the fused upsample-add kernel instead (see `t4_decision`)
+             conv followed by the fused upsample-add kernel instead
   cpp        csrc/fpn.cpp (OpenMP) through `mf_kernels._C`; the lateral op is oneDNN's folded conv with
              the C++ upsample-add done in place on its output
   cuda       csrc/fpn.cu: an upsample-add kernel and a WMMA (tensor core, fp16) GEMM with the add in its
              epilogue, bound through `mf_kernels._C`
+On sm_75 (the T4) auto takes the lateral op's cuda backend before triton for fp16: an `AutoPreference`
+resting on the roofline at the end of this file (`t4_decision`), which `python -m mf_kernels.info` shows.
 """
 from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import dispatch
-
-# ----------------------------------------------------------------------------------------------------
-# Checks and small helpers shared by every implementation
-
-MAX_ELEMENTS = 2**31 - 1  # fused kernels index with int32
-
-
-def check_inputs(lateral: torch.Tensor, coarse: torch.Tensor, op: str = "fpn_upsample_add") -> None:
-    """Raise a ValueError that names the problem for inputs no implementation can take."""
-    if lateral.dim() != 4 or coarse.dim() != 4:
-        raise ValueError(f"{op}: lateral and coarse must be 4-D [B, C, H, W], got "
-                         f"{tuple(lateral.shape)} and {tuple(coarse.shape)}")
-    if lateral.shape[:2] != coarse.shape[:2]:
-        raise ValueError(f"{op}: batch and channel counts differ: lateral {tuple(lateral.shape)}, "
-                         f"coarse {tuple(coarse.shape)}")
-    if lateral.dtype != coarse.dtype or not lateral.is_floating_point():
-        raise ValueError(f"{op}: lateral and coarse must share one floating dtype, got {lateral.dtype} and {coarse.dtype}")
-    if lateral.device != coarse.device:
-        raise ValueError(f"{op}: lateral on {lateral.device}, coarse on {coarse.device}")
-    if coarse.shape[2] == 0 or coarse.shape[3] == 0:
-        raise ValueError(f"{op}: coarse map {tuple(coarse.shape)} has no pixels to upsample")
-
-
-def check_lateral_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, coarse: torch.Tensor) -> None:
-    """Checks of `fpn_lateral_upsample_add`: x [B, Cin, H, W], weight [Cout, Cin], bias [Cout], coarse [B, Cout, h, w]."""
-    op = "fpn_lateral_upsample_add"
-    if x.dim() != 4:
-        raise ValueError(f"{op}: x must be 4-D [B, Cin, H, W], got {tuple(x.shape)}")
-    if weight.dim() == 4 and weight.shape[2:] == (1, 1):
-        raise ValueError(f"{op}: pass the 1x1 weight as [Cout, Cin] (weight[:, :, 0, 0]), got {tuple(weight.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.shape[1] == 0:
-        raise ValueError(f"{op}: weight must be [Cout, Cin={x.shape[1]}] with Cin > 0, got {tuple(weight.shape)}")
-    if bias.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must be [Cout={weight.shape[0]}], got {tuple(bias.shape)}")
-    if coarse.dim() != 4 or coarse.shape[:2] != (x.shape[0], weight.shape[0]):
-        raise ValueError(f"{op}: coarse must be [B={x.shape[0]}, Cout={weight.shape[0]}, h, w], got {tuple(coarse.shape)}")
-    if coarse.dtype != x.dtype or not x.is_floating_point():
-        raise ValueError(f"{op}: x and coarse must share one floating dtype, got {x.dtype} and {coarse.dtype}")
-    if not (weight.is_floating_point() and bias.is_floating_point()):
-        raise ValueError(f"{op}: weight and bias must be floating point, got {weight.dtype} and {bias.dtype}")
-    devices = {t.device for t in (x, weight, bias, coarse)}
-    if len(devices) != 1:
-        raise ValueError(f"{op}: inputs on several devices: {sorted(map(str, devices))}")
-    if coarse.shape[2] == 0 or coarse.shape[3] == 0:
-        raise ValueError(f"{op}: coarse map {tuple(coarse.shape)} has no pixels to upsample")
-
-
-def nearest_scale(in_size: int, out_size: int) -> float:
-    """PyTorch's nearest scale `(float)in / out` as a Python float holding the exact fp32 value.
-
-    Rounding the double quotient to fp32 equals the fp32 division (53 >= 2·24 + 2 bits), so kernels that
-    take this as an fp32 argument compute `floor(dst * scale)` exactly as PyTorch does.
-    """
-    return float(np.float32(in_size / out_size))
-
-
-def is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def output_like(t: torch.Tensor, channels: int | None = None) -> torch.Tensor:
-    """An uninitialised [B, channels or C, H, W] tensor in t's memory format (NCHW or channels_last)."""
-    batch, c, height, width = t.shape
-    fmt = torch.channels_last if is_channels_last(t) else torch.contiguous_format
-    return torch.empty((batch, c if channels is None else channels, height, width), dtype=t.dtype, device=t.device,
-                       memory_format=fmt)
-
+from .fpn_limits import (CPP_DTYPES, CPP_LATERAL_DTYPES, CUDA_DTYPES, TRITON_DTYPES, check_inputs,
+                         check_lateral_inputs, lateral_inputs_of, lateral_reasons, size_reasons, upsample_inputs_of)
 
 # ----------------------------------------------------------------------------------------------------
 # References
@@ -145,91 +81,6 @@ def fold_batchnorm(conv_weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: 
         weight = conv_weight.double() * scale.view(-1, *([1] * (conv_weight.dim() - 1)))
         bias = bn_bias.double() - running_mean.double() * scale
     return weight.float(), bias.float()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Roofline (SPEC §5): bytes and FLOPs per call at the model's shapes, T4 floors, and the T4 decision
-
-
-def upsample_add_traffic(shape, itemsize: int) -> tuple[int, int]:
-    """(bytes, FLOPs) of `fpn_upsample_add` at an `FpnShape`: lateral read, each coarse pixel read once,
-    out written; one add per output element."""
-    out = shape.batch * shape.cout * shape.height * shape.width
-    return (2 * out + shape.batch * shape.cout * shape.coarse_height * shape.coarse_width) * itemsize, out
-
-
-def lateral_traffic(shape, itemsize: int) -> dict[str, tuple[int, int]]:
-    """(bytes, FLOPs) of the two ways to compute `conv1x1 + BN + upsample + add` (BN folded in both):
-
-    fused     one GEMM with the upsample-add in its epilogue: x, weight, coarse read, out written
-    conv+add  conv (x, weight read, lateral written), then the fused upsample-add (lateral and coarse read,
-              out written): 2·B·H·W·Cout·itemsize more bytes than fused
-    """
-    pixels = shape.batch * shape.height * shape.width
-    flops = 2 * pixels * shape.cin * shape.cout + 2 * pixels * shape.cout  # GEMM + bias and add
-    x_bytes = pixels * shape.cin * itemsize
-    w_bytes = shape.cout * shape.cin * itemsize + shape.cout * 4
-    coarse_bytes = shape.batch * shape.cout * shape.coarse_height * shape.coarse_width * itemsize
-    out_bytes = pixels * shape.cout * itemsize
-    return {"fused": (x_bytes + w_bytes + coarse_bytes + out_bytes, flops),
-            "conv+add": (x_bytes + w_bytes + coarse_bytes + 3 * out_bytes, flops)}
-
-
-def roofline_rows() -> list:
-    """`mf_kernels.roofline` rows of both ops at `FPN_SHAPES`, fp16 and fp32. The lateral op has one row per
-    T4 path: [fused GEMM] (floor = Triton on FMA units; its "TC floor" = the WMMA kernel) and
-    [conv+add] (cuDNN's conv on tensor cores, then the fused add: more bytes)."""
-    from .roofline import Row
-    from .shapes import FPN_SHAPES
-
-    rows = []
-    for dtype, itemsize in (("float16", 2), ("float32", 4)):
-        for shape in FPN_SHAPES:
-            label = f"{shape.model} {shape.level} {shape.cin}->{shape.cout}x{shape.height}x{shape.width}"
-            nbytes, flops = upsample_add_traffic(shape, itemsize)
-            rows.append(Row("fpn_upsample_add", label, dtype, nbytes, flops, nbytes))
-            paths = lateral_traffic(shape, itemsize)
-            rows.append(Row("fpn_lateral_upsample_add", label + " [fused GEMM]", dtype, *paths["fused"],
-                            paths["fused"][0], uses_tensor_cores=False))
-            rows.append(Row("fpn_lateral_upsample_add", label + " [conv+add]", dtype, *paths["conv+add"],
-                            paths["conv+add"][0], uses_tensor_cores=dtype == "float16"))
-    return rows
-
-
-def t4_lateral_floors(shapes, itemsize: int = 2) -> dict[str, float]:
-    """Summed T4 floors (s) over `shapes` (FpnShape) of the candidate paths of the lateral op in fp16:
-
-    triton-fma  the Triton fused GEMM on sm_75 (tl.dot on FMA units, 8.1 TFLOP/s)
-    cudnn+add   cuDNN's conv on tensor cores + the fused upsample-add kernel (2·M·N more bytes)
-    wmma-fused  the CUDA WMMA fused GEMM (tensor cores) with the add in its epilogue
-    """
-    from .roofline import T4
-
-    def floor(nbytes: int, flops: int, peak: float) -> float:
-        return max(nbytes / T4.bandwidth, flops / peak)
-
-    totals = {"triton-fma": 0.0, "cudnn+add": 0.0, "wmma-fused": 0.0}
-    for shape in shapes:
-        paths = lateral_traffic(shape, itemsize)
-        totals["triton-fma"] += floor(*paths["fused"], T4.fp32_fma)
-        totals["cudnn+add"] += floor(*paths["conv+add"], T4.fp16_tensor)
-        totals["wmma-fused"] += floor(*paths["fused"], T4.fp16_tensor)
-    return totals
-
-
-@functools.lru_cache(maxsize=None)
-def t4_decision() -> str:
-    """Which path the T4 (sm_75) takes for the lateral op and why, with the roofline numbers."""
-    from .shapes import FPN_SHAPES
-
-    parts = []
-    for model in dict.fromkeys(s.model for s in FPN_SHAPES):
-        us = {k: f"{v * 1e6:.0f}" for k, v in t4_lateral_floors([s for s in FPN_SHAPES if s.model == model]).items()}
-        parts.append(f"{model} (3 levels, fp16, 640²): Triton GEMM on FMA {us['triton-fma']} us, cuDNN conv + fused "
-                     f"add {us['cudnn+add']} us, WMMA fused {us['wmma-fused']} us")
-    return ("T4 floors: " + "; ".join(parts) + ". So on sm_75 auto takes the cuda backend's WMMA fusion for fp16 "
-            "(when the extension has CUDA), else triton runs cuDNN conv + its fused upsample-add; fp32 (no fp32 "
-            "tensor cores) is cuDNN conv + fused add on both; Triton's own GEMM runs on sm_80+ only")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,7 +135,7 @@ def _triton_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: to
 
 
 def _extension():
-    from . import _cpp_lib  # type: ignore[attr-defined]
+    from . import _cpp_lib
 
     return _cpp_lib.load()
 
@@ -324,103 +175,157 @@ def _cuda_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: torc
 # ----------------------------------------------------------------------------------------------------
 # Registration
 
-
-def _numel_class(*numels: int) -> int:
-    """The largest element count when it breaks int32 indexing, else 0: a few keys for the dispatcher's
-    selection cache instead of one per image size."""
-    largest = max(numels)
-    return largest if largest > MAX_ELEMENTS else 0
-
-
-def _upsample_inputs_of(lateral: torch.Tensor, coarse: torch.Tensor, **_: object) -> dispatch.Inputs:
-    check_inputs(lateral, coarse)
-    return dispatch.make_inputs(lateral.device, lateral.dtype, numel=_numel_class(lateral.numel(), coarse.numel()))
-
-
-def _lateral_inputs_of(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, coarse: torch.Tensor,
-                       **_: object) -> dispatch.Inputs:
-    check_lateral_inputs(x, weight, bias, coarse)
-    numel = _numel_class(x.numel(), coarse.numel(), x.shape[0] * weight.shape[0] * x.shape[2] * x.shape[3])
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias, coarse))
-    return dispatch.make_inputs(x.device, x.dtype, numel=numel, grad=grad)
-
-
-def _size_check(inputs: dispatch.Inputs) -> list[str]:
-    return [f"{inputs.numel} elements exceed the int32 indexing of the kernels"] if inputs.numel > MAX_ELEMENTS else []
-
-
-def _lateral_check(inputs: dispatch.Inputs) -> list[str]:
-    reasons = _size_check(inputs)
-    if inputs.grad:
-        reasons.append("a gradient is needed and the fused lateral op is inference-only (the pixel decoder keeps "
-                       "conv + BN + fpn_upsample_add when training)")
-    return reasons
-
-
-def _cuda_extension_environment(device_type: str) -> list[str]:
-    reasons = dispatch.extension_environment(device_type)
-    if not reasons and device_type == "cuda":
-        from . import _cpp_lib  # type: ignore[attr-defined]
-
-        if not _cpp_lib.has_cuda():
-            reasons = ["the extension mf_kernels._C was built without CUDA"]
-    return reasons
-
-
-def _triton_lateral_check(inputs: dispatch.Inputs) -> list[str]:
-    """On sm_75 `auto` leaves fp16 to the cuda backend's WMMA fusion (lower T4 floor, `t4_decision`)
-    when that backend can run; a named `triton` still runs (cuDNN conv + Triton upsample-add)."""
-    reasons = _lateral_check(inputs)
-    if (inputs.device.type == "cuda" and inputs.dtype == torch.float16 and dispatch.current_choice() == "auto"
-            and torch.cuda.get_device_capability(inputs.device) < (8, 0)
-            and not fpn_lateral_upsample_add.reasons("cuda", inputs)):
-        reasons.append("auto on sm_75 prefers the cuda backend's WMMA fusion: " + t4_decision())
-    return reasons
-
-
-TRITON_UPSAMPLE_DESCRIPTION = "one strided Triton pass (NCHW or channels_last), fp32/fp16"
-# Why each path, in one line (the floors behind it: `t4_decision()`, `python -m mf_kernels.roofline`; kept
-# out of import time, which must not import the roofline module).
-T4_DECISION_SHORT = ("T4 roofline, fp16, 640²: WMMA fused GEMM (memory-bound) < cuDNN conv + fused add (2·M·Cout more "
-                     "bytes) < Triton GEMM on FMA units (compute-bound, no tensor cores on sm_75); so sm_75 auto takes "
-                     "cuda (fp16) when the extension has CUDA, else triton's cuDNN conv + fused add")
-TRITON_LATERAL_DESCRIPTION = ("Triton GEMM (M = B·H·W, N = Cout, K = Cin) with the nearest upsample-add in its "
-                              "epilogue on sm_80+ (tensor cores); on sm_75 tl.dot has no tensor cores, so it runs "
-                              "cuDNN conv + the Triton upsample-add kernel. " + T4_DECISION_SHORT)
-CPP_DESCRIPTION = "C++/OpenMP strided upsample-add (csrc/fpn.cpp)"
-CPP_LATERAL_DESCRIPTION = "oneDNN conv with the folded weight + C++/OpenMP upsample-add in place on its output"
-CUDA_UPSAMPLE_DESCRIPTION = "CUDA strided upsample-add kernel (csrc/fpn.cu)"
-CUDA_LATERAL_DESCRIPTION = ("fp16: WMMA tensor-core GEMM with the upsample-add epilogue (csrc/fpn.cu); fp32: cuDNN "
-                            "conv + CUDA upsample-add in place. " + T4_DECISION_SHORT)
-
-fpn_upsample_add = dispatch.define_op("fpn_upsample_add", fpn_upsample_add_ref, _upsample_inputs_of)
+fpn_upsample_add = dispatch.define_op("fpn_upsample_add", fpn_upsample_add_ref, upsample_inputs_of)
 fpn_upsample_add.__doc__ = """fpn_upsample_add(lateral [B, C, H, W], coarse [B, C, h, w]) -> [B, C, H, W]:
 lateral + nearest_upsample(coarse), run by the backend `mf_kernels.dispatch` picks; see `mf_kernels.fpn`."""
 fpn_upsample_add.register(
-    "triton", _differentiable(_triton_upsample_add), devices=("cpu", "cuda"), dtypes=(torch.float16, torch.float32),
-    environment=dispatch.triton_environment("mf_kernels.fpn_triton"), check=_size_check,
-    description=TRITON_UPSAMPLE_DESCRIPTION)
+    "triton", _differentiable(_triton_upsample_add), devices=("cpu", "cuda"), dtypes=TRITON_DTYPES,
+    environment=dispatch.triton_environment("mf_kernels.fpn_triton"), check=size_reasons,
+    description="one strided Triton pass (NCHW or channels_last), fp32/fp16")
 fpn_upsample_add.register(
-    "cpp", _differentiable(_cpp_upsample_add), devices=("cpu",),
-    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    environment=dispatch.extension_environment, check=_size_check, description=CPP_DESCRIPTION)
+    "cpp", _differentiable(_cpp_upsample_add), devices=("cpu",), dtypes=CPP_DTYPES,
+    environment=dispatch.extension_environment, check=size_reasons,
+    description="C++/OpenMP strided upsample-add (csrc/fpn.cpp)")
 fpn_upsample_add.register(
-    "cuda", _differentiable(_cuda_upsample_add), devices=("cuda",), dtypes=(torch.float16, torch.float32),
-    environment=_cuda_extension_environment, check=_size_check, description=CUDA_UPSAMPLE_DESCRIPTION)
+    "cuda", _differentiable(_cuda_upsample_add), devices=("cuda",), dtypes=CUDA_DTYPES,
+    environment=dispatch.extension_environment, check=size_reasons,
+    description="CUDA strided upsample-add kernel (csrc/fpn.cu)")
+
+# Why sm_75 prefers the cuda backend, in one line (the floors behind it: `t4_decision()`, `python -m
+# mf_kernels.roofline`; kept out of import time, which must not import the roofline module).
+T4_DECISION_SHORT = ("T4 roofline, fp16, 640²: WMMA fused GEMM (memory-bound) < cuDNN conv + fused add (2·M·Cout more "
+                     "bytes) < Triton GEMM on FMA units (compute-bound, no tensor cores on sm_75)")
 
 fpn_lateral_upsample_add = dispatch.define_op("fpn_lateral_upsample_add", fpn_lateral_upsample_add_ref,
-                                              _lateral_inputs_of)
+                                              lateral_inputs_of)
 fpn_lateral_upsample_add.__doc__ = """fpn_lateral_upsample_add(x [B, Cin, H, W], weight [Cout, Cin], bias [Cout],
 coarse [B, Cout, h, w]) -> [B, Cout, H, W]: BN-folded 1x1 conv + nearest upsample-add; see `mf_kernels.fpn`."""
 fpn_lateral_upsample_add.register(
-    "triton", _triton_lateral_upsample_add, devices=("cpu", "cuda"), dtypes=(torch.float16, torch.float32),
-    environment=dispatch.triton_environment("mf_kernels.fpn_triton"), check=_triton_lateral_check,
-    description=TRITON_LATERAL_DESCRIPTION)
+    "triton", _triton_lateral_upsample_add, devices=("cpu", "cuda"), dtypes=TRITON_DTYPES,
+    environment=dispatch.triton_environment("mf_kernels.fpn_triton"), check=lateral_reasons,
+    description="Triton GEMM (M = B·H·W, N = Cout, K = Cin) with the nearest upsample-add in its epilogue on "
+                "sm_80+ (tensor cores); on sm_75 tl.dot has no tensor cores, so it runs cuDNN conv + the Triton "
+                "upsample-add kernel")
 fpn_lateral_upsample_add.register(
-    "cpp", _cpp_lateral_upsample_add, devices=("cpu",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
-    environment=dispatch.extension_environment, check=_lateral_check, description=CPP_LATERAL_DESCRIPTION)
+    "cpp", _cpp_lateral_upsample_add, devices=("cpu",), dtypes=CPP_LATERAL_DTYPES,
+    environment=dispatch.extension_environment, check=lateral_reasons,
+    description="oneDNN conv with the folded weight + C++/OpenMP upsample-add in place on its output")
 fpn_lateral_upsample_add.register(
-    "cuda", _cuda_lateral_upsample_add, devices=("cuda",), dtypes=(torch.float16, torch.float32),
-    environment=_cuda_extension_environment, check=_lateral_check, description=CUDA_LATERAL_DESCRIPTION)
+    "cuda", _cuda_lateral_upsample_add, devices=("cuda",), dtypes=CUDA_DTYPES,
+    environment=dispatch.extension_environment, check=lateral_reasons,
+    description="fp16: WMMA tensor-core GEMM with the upsample-add epilogue (csrc/fpn.cu); fp32: cuDNN conv + "
+                "CUDA upsample-add in place")
+fpn_lateral_upsample_add.prefer(dispatch.AutoPreference(
+    device="cuda", dtypes=(torch.float16,), below=(8, 0), order=("cuda", "triton", "reference"),
+    why=T4_DECISION_SHORT))
 dispatch.register_aot_provider("fpn", "mf_kernels.fpn_triton:aot_specs")
-dispatch.register_roofline_provider("fpn", "mf_kernels.fpn:roofline_rows")
+dispatch.register_roofline_provider(("fpn_upsample_add", "fpn_lateral_upsample_add"), "mf_kernels.fpn:roofline_rows",
+                                    "mf_kernels.fpn:roofline_call_rows")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Roofline (SPEC §5): bytes and FLOPs per call, T4 floors, and the T4 decision
+
+
+def upsample_add_traffic(shape, itemsize: int) -> tuple[int, int]:
+    """(bytes, FLOPs) of `fpn_upsample_add` at an `FpnShape`: lateral read, each coarse pixel read once,
+    out written; one add per output element."""
+    out = shape.batch * shape.cout * shape.height * shape.width
+    return (2 * out + shape.batch * shape.cout * shape.coarse_height * shape.coarse_width) * itemsize, out
+
+
+def lateral_traffic(shape, itemsize: int) -> dict[str, tuple[int, int]]:
+    """(bytes, FLOPs) of the two ways to compute `conv1x1 + BN + upsample + add` (BN folded in both):
+
+    fused     one GEMM with the upsample-add in its epilogue: x, weight, coarse read, out written
+    conv+add  conv (x, weight read, lateral written), then the fused upsample-add (lateral and coarse read,
+              out written): 2·B·H·W·Cout·itemsize more bytes than fused
+    """
+    pixels = shape.batch * shape.height * shape.width
+    flops = 2 * pixels * shape.cin * shape.cout + 2 * pixels * shape.cout  # GEMM + bias and add
+    x_bytes = pixels * shape.cin * itemsize
+    w_bytes = shape.cout * shape.cin * itemsize + shape.cout * 4
+    coarse_bytes = shape.batch * shape.cout * shape.coarse_height * shape.coarse_width * itemsize
+    out_bytes = pixels * shape.cout * itemsize
+    return {"fused": (x_bytes + w_bytes + coarse_bytes + out_bytes, flops),
+            "conv+add": (x_bytes + w_bytes + coarse_bytes + 3 * out_bytes, flops)}
+
+
+def roofline_rows() -> list:
+    """`mf_kernels.roofline` rows of both ops at `FPN_SHAPES`, fp16 and fp32. The lateral op has one row per
+    T4 path: [fused GEMM] (floor = Triton on FMA units; its "TC floor" = the WMMA kernel) and
+    [conv+add] (cuDNN's conv on tensor cores, then the fused add: more bytes)."""
+    from .roofline import Row
+    from .shapes import FPN_SHAPES
+
+    rows = []
+    for dtype, itemsize in (("float16", 2), ("float32", 4)):
+        for shape in FPN_SHAPES:
+            label = f"{shape.model} {shape.level} {shape.cin}->{shape.cout}x{shape.height}x{shape.width}"
+            nbytes, flops = upsample_add_traffic(shape, itemsize)
+            rows.append(Row("fpn_upsample_add", label, dtype, nbytes, flops, nbytes))
+            paths = lateral_traffic(shape, itemsize)
+            rows.append(Row("fpn_lateral_upsample_add", label + " [fused GEMM]", dtype, *paths["fused"],
+                            paths["fused"][0], uses_tensor_cores=False))
+            rows.append(Row("fpn_lateral_upsample_add", label + " [conv+add]", dtype, *paths["conv+add"],
+                            paths["conv+add"][0], uses_tensor_cores=dtype == "float16"))
+    return rows
+
+
+def roofline_call_rows(op: str, args: tuple, kwargs: dict, dtype: torch.dtype) -> list:
+    """The row of one recorded call as the T4 runs it in `dtype`: fp16 lateral = the WMMA fused GEMM (tensor
+    cores, the sm_75 preference); fp32 lateral = cuDNN conv + the fused add on FMA units."""
+    from .roofline import Row
+    from .shapes import FpnShape
+
+    size, name = torch.empty((), dtype=dtype).element_size(), dispatch.dtype_name(dtype)
+    if op == "fpn_upsample_add":
+        lateral, coarse = args[:2]
+        b, c, height, width = lateral.shape
+        shape = FpnShape("", "", b, c, c, height, width, coarse.shape[2], coarse.shape[3])
+        nbytes, flops = upsample_add_traffic(shape, size)
+        return [Row(op, f"{c}x{height}x{width}", name, nbytes, flops, nbytes)]
+    x, weight, _, coarse = args[:4]
+    b, cin, height, width = x.shape
+    shape = FpnShape("", "", b, cin, weight.shape[0], height, width, coarse.shape[2], coarse.shape[3])
+    paths = lateral_traffic(shape, size)
+    label = f"{cin}->{shape.cout}x{height}x{width}"
+    if dtype == torch.float16:
+        return [Row(op, label + " [WMMA fused]", name, *paths["fused"], paths["fused"][0], uses_tensor_cores=True)]
+    return [Row(op, label + " [cuDNN conv + add, FMA]", name, *paths["conv+add"], paths["conv+add"][0])]
+
+
+def t4_lateral_floors(shapes, itemsize: int = 2) -> dict[str, float]:
+    """Summed T4 floors (s) over `shapes` (FpnShape) of the candidate paths of the lateral op in fp16:
+
+    triton-fma  the Triton fused GEMM on sm_75 (tl.dot on FMA units, 8.1 TFLOP/s)
+    cudnn+add   cuDNN's conv on tensor cores + the fused upsample-add kernel (2·M·N more bytes)
+    wmma-fused  the CUDA WMMA fused GEMM (tensor cores) with the add in its epilogue
+    """
+    from .roofline import T4
+
+    def floor(nbytes: int, flops: int, peak: float) -> float:
+        return max(nbytes / T4.bandwidth, flops / peak)
+
+    totals = {"triton-fma": 0.0, "cudnn+add": 0.0, "wmma-fused": 0.0}
+    for shape in shapes:
+        paths = lateral_traffic(shape, itemsize)
+        totals["triton-fma"] += floor(*paths["fused"], T4.fp32_fma)
+        totals["cudnn+add"] += floor(*paths["conv+add"], T4.fp16_tensor)
+        totals["wmma-fused"] += floor(*paths["fused"], T4.fp16_tensor)
+    return totals
+
+
+@functools.lru_cache(maxsize=None)
+def t4_decision() -> str:
+    """Which path the T4 (sm_75) takes for the lateral op and why, with the roofline numbers."""
+    from .shapes import FPN_SHAPES
+
+    parts = []
+    for model in dict.fromkeys(s.model for s in FPN_SHAPES):
+        us = {k: f"{v * 1e6:.0f}" for k, v in t4_lateral_floors([s for s in FPN_SHAPES if s.model == model]).items()}
+        parts.append(f"{model} (3 levels, fp16, 640²): Triton GEMM on FMA {us['triton-fma']} us, cuDNN conv + fused "
+                     f"add {us['cudnn+add']} us, WMMA fused {us['wmma-fused']} us")
+    return ("T4 floors: " + "; ".join(parts) + ". So on sm_75 auto takes the cuda backend's WMMA fusion for fp16 "
+            "(when the extension has CUDA), else triton runs cuDNN conv + its fused upsample-add; fp32 (no fp32 "
+            "tensor cores) is cuDNN conv + fused add on both; Triton's own GEMM runs on sm_80+ only")

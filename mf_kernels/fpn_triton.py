@@ -14,15 +14,17 @@ src = min(floor(dst * scale), in - 1), with the product rounded to fp32. The lau
 scale; `_nearest_src` reproduces the fp32 product bit for bit.
 
 Importing this module imports triton; `TRITON_INTERPRET` is read when the kernels below are decorated.
+What the launchers accept is stated in `mf_kernels.fpn_limits` (shared with the registration in
+`mf_kernels.fpn`, which imports this module lazily; this module never imports it).
 """
 from __future__ import annotations
-
-import os
 
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+from . import dispatch
+
+INTERPRETED = dispatch.interpreter_requested()
 
 
 @triton.jit
@@ -126,11 +128,10 @@ from dataclasses import dataclass  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from .fpn import check_inputs, check_lateral_inputs, nearest_scale, output_like  # noqa: E402
-from .launch import T4_SM_COUNT, Launch, arch_and_sms  # noqa: E402,F401  (re-exported)
-
-NOMINAL_SM_COUNT = {75: 40, 80: 108, 90: 132}
-TL_DTYPES = {torch.float16: "fp16", torch.float32: "fp32"}
+from .fpn_limits import check_inputs, check_lateral_inputs, check_triton_dtype  # noqa: E402
+from .launch import TRITON_DTYPE_NAMES as TL_DTYPES  # noqa: E402
+from .launch import Launch, arch_and_sms  # noqa: E402
+from .launch import fp32_ratio as nearest_scale  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,18 @@ def input_precision(arch: int, dtype: torch.dtype) -> str:
 # Launch plans and launchers
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def output_like(t: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """An uninitialised [B, channels or C, H, W] tensor in t's memory format (NCHW or channels_last)."""
+    batch, c, height, width = t.shape
+    fmt = torch.channels_last if is_channels_last(t) else torch.contiguous_format
+    return torch.empty((batch, c if channels is None else channels, height, width), dtype=t.dtype, device=t.device,
+                       memory_format=fmt)
+
+
 def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(t or a contiguous copy of it, its (batch, channel, pixel) strides), pixel p = y * W + x.
 
@@ -219,8 +232,7 @@ def plan_upsample_add(lateral: torch.Tensor, coarse: torch.Tensor, out: torch.Te
                       config: UpsampleConfig | None = None) -> tuple[Launch, torch.Tensor]:
     """The launch of `fpn_upsample_add_kernel` and the tensor it writes (`out`, may alias `lateral`)."""
     check_inputs(lateral, coarse)
-    if lateral.dtype not in TL_DTYPES:
-        raise ValueError(f"fpn_upsample_add[triton]: dtype {lateral.dtype} not supported (float16, float32)")
+    check_triton_dtype(lateral.dtype, "fpn_upsample_add")
     batch, channels, height, width = lateral.shape
     lateral, lateral_strides = _pixel_strides(lateral)
     if out is None:
@@ -258,8 +270,7 @@ def plan_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: torch
     dtype, `bias` to fp32 (both tiny).
     """
     check_lateral_inputs(x, weight, bias, coarse)
-    if x.dtype not in TL_DTYPES:
-        raise ValueError(f"fpn_lateral_upsample_add[triton]: dtype {x.dtype} not supported (float16, float32)")
+    check_triton_dtype(x.dtype, "fpn_lateral_upsample_add")
     device_arch, device_sms = arch_and_sms(x.device)
     arch, sm_count = arch or device_arch, sm_count or device_sms
     batch, cin, height, width = x.shape

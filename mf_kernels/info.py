@@ -35,15 +35,9 @@ def cuda_summary() -> str:
 
 
 def extension_summary() -> str:
-    reasons = dispatch.extension_status_reasons()
-    if reasons:
-        return "not usable: " + "; ".join(reasons)
-    try:
-        from . import _cpp_lib  # type: ignore[attr-defined]
+    from . import _cpp_lib
 
-        return _cpp_lib.status()
-    except ImportError:
-        return "built"
+    return _cpp_lib.status()
 
 
 def versions() -> dict[str, str]:
@@ -81,9 +75,18 @@ def auto_order() -> str:
     return "; ".join(f"{device}: {' > '.join(order)}" for device, order in dispatch.AUTO_ORDER.items())
 
 
+def auto_preferences() -> list[str]:
+    """One line per op-specific auto order (`dispatch.AutoPreference`): where and why it replaces AUTO_ORDER."""
+    return [f"  {name}, {preference.describe()}" for name in sorted(dispatch.OPS)
+            for preference in dispatch.OPS[name].auto_preferences]
+
+
 def format_report() -> str:
     lines = [f"{key:<24} {value}" for key, value in versions().items()]
     lines.append(f"{'auto order':<24} {auto_order()}")
+    preferences = auto_preferences()
+    if preferences:
+        lines += ["op-specific auto orders (these win over the order above where they apply):"] + preferences
     lines.append("")
     header = ("op", "backend", "cpu", "cuda")
     rows = [header] + table()

@@ -1,4 +1,5 @@
-"""What every Triton launcher shares: the target's compute capability and SM count, and `Launch`.
+"""What every Triton launcher shares: the target's compute capability and SM count, `Launch`, and
+PyTorch's fp32 resize scale.
 
 No triton import here: the launchers import it lazily (the interpreter flag is read when kernels are
 decorated), and this module only holds the jit function objects it is given.
@@ -8,9 +9,18 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 T4_SM_COUNT = 40  # the target when there is no GPU to ask (interpreter, AOT)
+TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.float32: "fp32"}  # the dtypes the kernels take, as AOT names them
+
+
+def fp32_ratio(in_size: int, out_size: int) -> float:
+    """PyTorch's resize scale `(float)in / out` (nearest and bilinear), as the Python float holding that exact
+    fp32 value. Rounding the double quotient to fp32 equals the fp32 division (53 >= 2·24 + 2 bits), so a
+    kernel that takes this as an fp32 argument computes its source indices exactly as PyTorch does."""
+    return float(np.float32(in_size / out_size))
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,3 +56,8 @@ class Launch:
             return
         with torch.cuda.device(device):
             self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def run_launches(launches: list[Launch]) -> None:
+    for launch in launches:
+        launch.run()

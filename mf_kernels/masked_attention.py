@@ -13,6 +13,9 @@ Implementations (see `mf_kernels.dispatch` for how one is chosen):
   triton     `mf_kernels.masked_attention_triton` (split-key flash-decoding kernels), imported lazily
              because triton reads TRITON_INTERPRET when the kernels are decorated
   cpp, cuda  not implemented for this op
+
+What each backend accepts is stated once in `mf_kernels.masked_attention_limits`. The roofline rows
+(bytes, FLOPs of the Triton plan) are at the end of this file.
 """
 from __future__ import annotations
 
@@ -20,28 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-
-SUPPORTED_HEAD_DIMS = (16, 32, 64)  # Triton: tl.dot needs a power of two >= 16; 32 is FAI-MF's (256 / 8)
-MAX_QUERIES = 128  # Triton: the parity-tested range (FAI-MF uses 100)
-
-
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor, num_heads: int) -> None:
-    """Raise a ValueError that names the problem for inputs no implementation can take."""
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"masked_cross_attention: q, k, v must be 3-D [B, L, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    b, nq, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != d:
-        raise ValueError(f"masked_cross_attention: k and v must be [B={b}, HW, D={d}], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if tuple(mask_logits.shape) != (b, nq, k.shape[1]):
-        raise ValueError(f"masked_cross_attention: mask_logits must be [B, Q, HW] = {(b, nq, k.shape[1])}, "
-                         f"got {tuple(mask_logits.shape)}")
-    if num_heads < 1 or d % num_heads:
-        raise ValueError(f"masked_cross_attention: D={d} is not divisible by num_heads={num_heads}")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"masked_cross_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape[1] == 0:
-        raise ValueError("masked_cross_attention: HW must be at least 1")
+from .masked_attention_limits import DTYPES, TRITON_DTYPES, check_inputs, device_reasons, inputs_of, triton_reasons
 
 
 def masked_cross_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor,
@@ -91,41 +73,63 @@ def _masked_cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return masked_cross_attention_triton(q, k, v, mask_logits, num_heads)
 
 
-def _inputs_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor,
-               num_heads: int, **_: object) -> dispatch.Inputs:
-    check_inputs(q, k, v, mask_logits, num_heads)
-    devices = {str(t.device) for t in (q, k, v, mask_logits)}
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return dispatch.make_inputs(q.device, q.dtype, head_dim=q.shape[2] // num_heads, queries=q.shape[1],
-                                logits_dtype=mask_logits.dtype, devices=tuple(sorted(devices)), needs_grad=needs_grad)
-
-
-def _triton_check(inputs: dispatch.Inputs) -> list[str]:
-    reasons = ["inputs require grad and the Triton kernels have no backward"] if inputs.needs_grad else []
-    if inputs.head_dim not in SUPPORTED_HEAD_DIMS:
-        reasons.append(f"head dim {inputs.head_dim} not in {SUPPORTED_HEAD_DIMS}")
-    if inputs.queries > MAX_QUERIES:
-        reasons.append(f"Q={inputs.queries} > {MAX_QUERIES}")
-    if not inputs.logits_dtype.is_floating_point:
-        reasons.append(f"mask_logits dtype {inputs.logits_dtype} is not floating point")
-    if len(inputs.devices) > 1:
-        reasons.append(f"inputs on several devices: {', '.join(inputs.devices)}")
-    return reasons
-
-
-def _sdpa_check(inputs: dispatch.Inputs) -> list[str]:
-    return [f"inputs on several devices: {', '.join(inputs.devices)}"] if len(inputs.devices) > 1 else []
-
-
-masked_cross_attention = dispatch.define_op("masked_cross_attention", masked_cross_attention_ref, _inputs_of)
+masked_cross_attention = dispatch.define_op("masked_cross_attention", masked_cross_attention_ref, inputs_of)
 masked_cross_attention.__doc__ = """masked_cross_attention(q [B, Q, D], k [B, HW, D], v [B, HW, D], mask_logits [B, Q, HW],
 num_heads) -> [B, Q, D], run by the backend that `mf_kernels.dispatch` picks; see this module's doc."""
 masked_cross_attention.register(
-    "sdpa", masked_cross_attention_sdpa, devices=("cpu", "cuda"),
-    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64), check=_sdpa_check,
+    "sdpa", masked_cross_attention_sdpa, devices=("cpu", "cuda"), dtypes=DTYPES, check=device_reasons,
     description="torch scaled_dot_product_attention, one mask broadcast over heads")
 masked_cross_attention.register(
-    "triton", _masked_cross_attention_triton, devices=("cpu", "cuda"), dtypes=(torch.float16, torch.float32),
-    environment=dispatch.triton_environment("mf_kernels.masked_attention_triton"), check=_triton_check,
+    "triton", _masked_cross_attention_triton, devices=("cpu", "cuda"), dtypes=TRITON_DTYPES,
+    environment=dispatch.triton_environment("mf_kernels.masked_attention_triton"), check=triton_reasons,
     description="split-key online-softmax Triton kernels")
 dispatch.register_aot_provider("masked_cross_attention", "mf_kernels.masked_attention_triton:aot_specs")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Roofline (`python -m mf_kernels.roofline`, `fai-mf bench roofline`)
+
+
+def roofline_row(shape, dtype: torch.dtype):
+    """One call at an `AttentionShape`: QK^T and PV are 2·B·Q·HW·D multiply-adds each (4·B·Q·HW·D FLOPs; the
+    softmax's few ops per score are left out). Minimum traffic: q, k, v, mask logits in, out. The Triton
+    plan (sm_75 config, DRAM bytes when the programs of one key split share q, K/V and the bits through
+    L2, as the grid order intends) adds the bit mask (written, read back) and the fp32 partial states of
+    every split (written, read back by the combine kernel). Its dots run on FMA units on the T4."""
+    import math
+
+    from .launch import T4_SM_COUNT
+    from .masked_attention_triton import MIN_KEYS_PER_SPLIT, config_for, num_splits_for
+    from .roofline import Row
+
+    s = torch.empty((), dtype=dtype).element_size()
+    b, q, d, h, hw = shape.batch, shape.queries, shape.dim, shape.heads, shape.hw
+    minimum = b * q * d * s + 2 * b * hw * d * s + b * q * hw * s + b * q * d * s
+    config = config_for(75, dtype, q)
+    n_splits, _ = num_splits_for(b * h, math.ceil(q / config.block_q), math.ceil(hw / config.block_k), T4_SM_COUNT,
+                                 math.ceil(MIN_KEYS_PER_SPLIT / config.block_k))
+    bits = b * q * math.ceil(hw / 32) * 4
+    partials = b * h * n_splits * q * (shape.head_dim + 2) * 4
+    return Row("masked_cross_attention", shape.name, dispatch.dtype_name(dtype), minimum, 4 * b * q * hw * d,
+               minimum + 2 * bits + 2 * partials, uses_tensor_cores=False)
+
+
+def roofline_rows() -> list:
+    """Rows at the three 640² decoder levels (`MASKED_ATTENTION_SHAPES`), fp16 and fp32."""
+    from .shapes import MASKED_ATTENTION_SHAPES
+
+    return [roofline_row(shape, dtype) for dtype in (torch.float16, torch.float32) for shape in MASKED_ATTENTION_SHAPES]
+
+
+def roofline_call_rows(op: str, args: tuple, kwargs: dict, dtype: torch.dtype) -> list:
+    """The row of one recorded call (q, k, v, mask_logits, num_heads) in `dtype`."""
+    from .shapes import AttentionShape
+
+    q, k, _, _, heads = args[:5]
+    batch, queries, dim = q.shape
+    hw = k.shape[1]
+    return [roofline_row(AttentionShape(f"Q={queries} HW={hw}", batch, queries, dim, heads, hw, 1), dtype)]
+
+
+dispatch.register_roofline_provider(("masked_cross_attention",), "mf_kernels.masked_attention:roofline_rows",
+                                    "mf_kernels.masked_attention:roofline_call_rows")

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from .launch import T4_SM_COUNT, Launch, arch_and_sms  # noqa: F401  (re-exported)
-from .masked_attention import MAX_QUERIES, SUPPORTED_HEAD_DIMS, check_inputs
+from .launch import T4_SM_COUNT, TRITON_DTYPE_NAMES, Launch, arch_and_sms, run_launches
+from .masked_attention_limits import check_triton_inputs
 
 INTERPRETED = dispatch.interpreter_requested()
 LOG2E = 1.4426950408889634
@@ -43,7 +43,6 @@ PROGRAMS_PER_SM = 4  # splits target this many attention programs per SM (4-8 wa
 MIN_KEYS_PER_SPLIT = 128  # 4 x head dim 32: the partial acc of a split is at most 1/4 of its scores
 BITS_WORDS = 16  # 32-bit words of the bit mask written per iteration of `_attend_bits_kernel`
 COMBINE_BLOCK_Q = 16
-TL_DTYPES = {torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -78,6 +77,14 @@ def _attend_bits_kernel(
 
 
 @triton.jit
+def _head_query_block(bh, Q, H, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Program (batch·head `bh`, query block program_id(1)): its batch, head, query rows [BLOCK_Q] (and which
+    are < Q) and head-dim offsets [HEAD_DIM]."""
+    offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    return bh // H, bh % H, offs_q, tl.arange(0, HEAD_DIM), offs_q < Q
+
+
+@triton.jit
 def _split_attention_kernel(
     q_ptr,  # [B, Q, H * HEAD_DIM], strides (stride_qb, stride_qq, stride_qd)
     k_ptr,  # [B, HW, H * HEAD_DIM], strides (stride_kb, stride_kk, stride_kd)
@@ -95,14 +102,9 @@ def _split_attention_kernel(
     FP32_DOT: tl.constexpr,  # dots in fp32 ("ieee", never tf32): fp32 inputs, and fp16 on sm_75 (FMA anyway)
 ):
     bh = tl.program_id(0)
-    q_block = tl.program_id(1)
     split = tl.program_id(2)
-    b = bh // H
-    head = bh % H
-    offs_q = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, HEAD_DIM)
+    b, head, offs_q, offs_d, q_valid = _head_query_block(bh, Q, H, HEAD_DIM, BLOCK_Q)
     cols = head * HEAD_DIM + offs_d
-    q_valid = offs_q < Q
     q = tl.load(q_ptr + b * stride_qb + offs_q[:, None] * stride_qq + cols[None, :] * stride_qd,
                 mask=q_valid[:, None], other=0.0)  # [BLOCK_Q, HEAD_DIM]
     if FP32_DOT:
@@ -158,12 +160,7 @@ def _combine_splits_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    q_block = tl.program_id(1)
-    b = bh // H
-    head = bh % H
-    offs_q = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_valid = offs_q < Q
+    b, head, offs_q, offs_d, q_valid = _head_query_block(bh, Q, H, HEAD_DIM, BLOCK_Q)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
@@ -235,24 +232,6 @@ def num_splits_for(batch_heads: int, q_blocks: int, key_blocks: int, sm_count: i
 # Launcher
 
 
-def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor,
-                        num_heads: int) -> None:
-    """The launcher's own checks on top of `check_inputs`, with messages that say what to change."""
-    check_inputs(q, k, v, mask_logits, num_heads)
-    if q.dtype not in TL_DTYPES:
-        raise ValueError(f"masked_cross_attention[triton]: dtype {q.dtype} not supported (float16, float32)")
-    if not mask_logits.is_floating_point():
-        raise ValueError(f"masked_cross_attention[triton]: mask_logits must be floating point, got {mask_logits.dtype}")
-    head_dim = q.shape[2] // num_heads
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"masked_cross_attention[triton]: head dim {head_dim} not in {SUPPORTED_HEAD_DIMS}")
-    if q.shape[1] > MAX_QUERIES:
-        raise ValueError(f"masked_cross_attention[triton]: Q={q.shape[1]} > {MAX_QUERIES}")
-    devices = {t.device for t in (q, k, v, mask_logits)}
-    if len(devices) != 1:
-        raise ValueError(f"masked_cross_attention[triton]: inputs on several devices: {sorted(map(str, devices))}")
-
-
 def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor, num_heads: int,
          arch: int | None = None, sm_count: int | None = None) -> tuple[list[Launch], torch.Tensor]:
     """The three launches for these inputs and the output tensor they write ([B, Q, D], q's dtype).
@@ -309,13 +288,7 @@ def masked_cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         check_triton_inputs(q, k, v, mask_logits, num_heads)
         return q.new_empty(q.shape)
     launches, out = plan(q, k, v, mask_logits, num_heads)
-    if q.device.type == "cuda":
-        with torch.cuda.device(q.device):
-            for launch in launches:
-                launch.run()
-    else:
-        for launch in launches:
-            launch.run()
+    run_launches(launches)
     return out
 
 
@@ -328,10 +301,10 @@ def aot_specs(arch: int) -> list:
 
     specs: dict[tuple, AotSpec] = {}
     for shape in MASKED_ATTENTION_SHAPES:
-        for dtype in TL_DTYPES:
+        for dtype, name in TRITON_DTYPE_NAMES.items():
             q, k, v, logits = shape.empty_inputs(dtype)
             launches, _ = plan(q, k, v, logits, shape.heads, arch=arch, sm_count=T4_SM_COUNT)
             for launch in launches:
-                spec = spec_from_launch(launch, dtype=TL_DTYPES[dtype])
+                spec = spec_from_launch(launch, dtype=name)
                 specs.setdefault(spec.key(), spec)
     return list(specs.values())

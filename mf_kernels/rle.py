@@ -6,7 +6,7 @@ As pycocotools writes it (`pycocotools.mask.encode(np.asfortranarray(mask))`):
 2. `compress_rle_counts`: each count from the fourth on is replaced by its difference with the count two
    places before it; every value is then written as a little-endian sequence of 5-bit two's-complement
    groups, one character per group, `chr(48 + group)` with bit 0x20 set on every group but the last.
-The C++ / CUDA / Triton paths of `mf_kernels.mask_postprocess` are checked against these (and these
+The C++ / CUDA / Triton paths of `mf_kernels.postprocess` are checked against these (and these
 against pycocotools, in the tests).
 """
 from __future__ import annotations

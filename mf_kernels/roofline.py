@@ -8,22 +8,18 @@ Triton's tl.dot has no tensor-core path on sm_75 (it lowers to FMA), so a Triton
 the 8.1 TFLOP/s FMA peak even with fp16 inputs; the tensor-core floor is shown next to it for what a
 WMMA (CUDA) kernel could reach.
 
-An op adds its rows with `register(op, rows)` (rows() -> list[Row]), or, without importing this module
-at package import, `mf_kernels.dispatch.register_roofline_provider(op, "module:function")`; both land in
-one registry in `mf_kernels.dispatch`, so `python -m mf_kernels.roofline` sees every op. This module's
-own rows are the masked cross-attention at the three 640² decoder levels.
+Each op family declares its bytes and FLOPs once, next to its kernels, with
+`mf_kernels.dispatch.register_roofline_provider(ops, rows="module:function", call_rows="module:function")`
+(imported only when a report runs): `rows()` below collects the rows at the SPEC §5 shapes, `call_rows`
+gives the rows of one recorded call (what `fai-mf bench roofline` sums over a whole model).
 """
 from __future__ import annotations
 
 import importlib
-import math
 import sys
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-
-from .shapes import MASKED_ATTENTION_SHAPES, AttentionShape
 
 
 @dataclass(frozen=True)
@@ -66,58 +62,27 @@ class Row:
         return "compute" if self.compute_floor(device) > self.memory_floor(device) else "memory"
 
 
-def register(op: str, rows: Callable[[], list[Row]]) -> None:
-    from .dispatch import register_roofline_provider
-
-    register_roofline_provider(op, rows)
-
-
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def masked_attention_row(shape: AttentionShape, dtype: torch.dtype) -> Row:
-    """Masked cross-attention: QK^T and PV are 2·B·Q·HW·D multiply-adds each (4·B·Q·HW·D FLOPs; the
-    softmax's few ops per score are left out). Minimum traffic: q, k, v, mask logits in, out.
-    The Triton plan (sm_75 config, DRAM bytes when the programs of one key split share q, K/V and the
-    bits through L2, as the grid order intends) adds the bit mask (written, read back) and the fp32
-    partial states of every split (written, read back by the combine kernel)."""
-    from .masked_attention_triton import MIN_KEYS_PER_SPLIT, T4_SM_COUNT, config_for, num_splits_for
-
-    s = _size(dtype)
-    b, q, d, h, hw = shape.batch, shape.queries, shape.dim, shape.heads, shape.hw
-    minimum = b * q * d * s + 2 * b * hw * d * s + b * q * hw * s + b * q * d * s
-    config = config_for(75, dtype, q)
-    q_blocks = math.ceil(q / config.block_q)
-    n_splits, _ = num_splits_for(b * h, q_blocks, math.ceil(hw / config.block_k), T4_SM_COUNT,
-                                 math.ceil(MIN_KEYS_PER_SPLIT / config.block_k))
-    bits = b * q * math.ceil(hw / 32) * 4
-    partials = b * h * n_splits * q * (shape.head_dim + 2) * 4
-    planned = minimum + 2 * bits + 2 * partials
-    return Row("masked_cross_attention", shape.name, str(dtype).replace("torch.", ""), minimum,
-               4 * b * q * hw * d, planned, uses_tensor_cores=False)
-
-
-def _masked_attention_rows() -> list[Row]:
-    return [masked_attention_row(shape, dtype) for dtype in (torch.float16, torch.float32)
-            for shape in MASKED_ATTENTION_SHAPES]
-
-
-register("masked_cross_attention", _masked_attention_rows)
+def _resolve(provider: str):
+    module, _, function = provider.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def rows() -> list[Row]:
-    import mf_kernels  # noqa: F401  (importing the package registers every op's rows)
+    """Every registered op family's rows at the SPEC §5 shapes."""
+    import mf_kernels  # noqa: F401  (importing the package registers every op's provider)
     from .dispatch import ROOFLINE_PROVIDERS
 
-    out = []
-    for op in sorted(ROOFLINE_PROVIDERS):
-        provider = ROOFLINE_PROVIDERS[op]
-        if isinstance(provider, str):
-            module, _, function = provider.partition(":")
-            provider = getattr(importlib.import_module(module), function)
-        out += provider()
-    return out
+    providers = dict.fromkeys(ROOFLINE_PROVIDERS[op] for op in sorted(ROOFLINE_PROVIDERS))
+    return [row for provider in providers for row in _resolve(provider.rows)()]
+
+
+def call_rows(op: str, args: tuple, kwargs: dict, dtype: torch.dtype) -> list[Row]:
+    """The rows of one call of `op` (its recorded args and kwargs) as the T4 would run it in `dtype`; [] for an
+    op without a roofline (the host encoders)."""
+    from .dispatch import ROOFLINE_PROVIDERS
+
+    provider = ROOFLINE_PROVIDERS.get(op)
+    return [] if provider is None else _resolve(provider.call_rows)(op, args, kwargs, dtype)
 
 
 def format_table(all_rows: list[Row], device: Device = T4) -> str:

@@ -1,7 +1,8 @@
 """The shapes a real FAI-MF model gives each op (SPEC §5), shared by tests, benchmarks, AOT and roofline.
 
 At a 640² input the decoder attends to the stride-32, 16 and 8 levels: 20², 40², 80² keys, with
-Q = 100 queries, hidden D = 256 and 8 heads (head dim 32), batch 1.
+Q = 100 queries, hidden D = 256 and 8 heads (head dim 32), batch 1. The FPN steps run at strides 16, 8,
+4; the post-processing sees 160² stride-4 logits of 100 queries, about 20 of them kept.
 """
 from __future__ import annotations
 
@@ -117,3 +118,30 @@ def fpn_shapes(resolution: int = RESOLUTION, batch: int = 1) -> list[FpnShape]:
 
 
 FPN_SHAPES = fpn_shapes()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mask post-processing (mf_kernels.postprocess): one image's stride-4 logits to its detections
+
+
+@dataclass(frozen=True)
+class PostprocessShape:
+    """One image's post-processing: Q queries, K of them kept, C classes, input (H, W), logits at stride 4."""
+
+    name: str
+    queries: int
+    kept: int
+    classes: int
+    height: int
+    width: int
+
+    @property
+    def logits_hw(self) -> tuple[int, int]:
+        return -(-self.height // 4), -(-self.width // 4)
+
+
+# fai-mf-s-coco-ins at 640² (about 20 of 100 queries kept) and fai-mf-m-ade at 640² (semantic, 150 classes).
+POSTPROCESS_SHAPES = (
+    PostprocessShape("coco-ins 640² (20 of 100 kept)", queries=100, kept=20, classes=80, height=640, width=640),
+    PostprocessShape("ade semantic 640²", queries=100, kept=100, classes=150, height=640, width=640),
+)

@@ -58,7 +58,8 @@ def test_sources_split_cpu_and_cuda():
 
 def test_rle_from_bits_and_crops_from_bits(extension):
     """The host side of the GPU backends, on bit masks built here from known masks."""
-    from mf_kernels.mask_postprocess import bits_row_bytes, boxes_of_masks, crop_to_box, rle_counts_ref
+    from mf_kernels.postprocess.bits import bits_row_bytes
+    from mf_kernels.postprocess.reference import boxes_of_masks, crop_to_box, rle_counts_ref
 
     gen = torch.Generator().manual_seed(0)
     height, width = 19, 45  # two 32-bit words per row, the second partly used

@@ -57,6 +57,17 @@ def test_auto_walks_the_cpu_order(no_env_choice):
     assert dispatch.AUTO_ORDER["cuda"][:2] == ("triton", "cuda")
 
 
+def test_an_op_auto_preference_replaces_the_device_order_where_it_applies(no_env_choice):
+    calls: list[str] = []
+    op = toy_op(calls)
+    op.prefer(dispatch.AutoPreference(device="cpu", dtypes=(torch.float32,), order=("sdpa", "cpp", "reference"),
+                                      why="toy roofline"))
+    op(torch.zeros(4))  # float32 on CPU: the preference, sdpa first
+    op(torch.zeros(4, dtype=torch.float16))  # not float32: the CPU order, where cpp and sdpa refuse fp16
+    assert calls == ["sdpa", "reference"]
+    assert op.auto_preferences[0].describe() == "cpu float32: sdpa > cpp > reference (toy roofline)"
+
+
 def test_auto_logs_its_fallback_once_with_every_reason(no_env_choice, caplog):
     op = toy_op([])
     x = torch.zeros(3, dtype=torch.float16)

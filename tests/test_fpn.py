@@ -1,95 +1,54 @@
-"""FPN top-down step (SPEC §4.2): every backend of `fpn_upsample_add` and `fpn_lateral_upsample_add` against
-the reference, BN folding, the pixel decoder's fused path, and the CUDA sources' compile check.
-
-Triton runs in the interpreter here: TRITON_INTERPRET is set before anything imports triton.
+"""FPN top-down step (SPEC §4.2): every backend of `fpn_upsample_add` and `fpn_lateral_upsample_add` on every
+device here (`conftest.backend_devices`: the Triton interpreter on CPU, the compiled kernels and the CUDA
+extension on CUDA) against the reference with the shared oracle and generators (`mf_kernels.testing`,
+`mf_kernels.shapes.FpnShape`), TF32 explicitly, BN folding, the pixel decoder's fused path, and the CUDA
+sources' compile check.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (mf_kernels imports it lazily)
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
 
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
+import mf_kernels
+from mf_kernels import fpn
+from mf_kernels.launch import fp32_ratio
+from mf_kernels.shapes import FPN_SHAPES, FpnShape
+from mf_kernels.testing import assert_parity, parity, tf32_abs_dot, tf32_in_use
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import mf_kernels  # noqa: E402
-from mf_kernels import fpn  # noqa: E402
-from mf_kernels.shapes import FPN_SHAPES  # noqa: E402
-
-from conftest import tiny_config  # noqa: E402
+from conftest import backend_devices, device_params, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16)
-
-# (B, C, H, W, h, w): odd sizes as the ceil-dividing backbones give them (25x37 <- 13x19), non-integer and
-# < 1 ratios, pairs where PyTorch's fp32 index rule differs from exact and from fp64 arithmetic (46 <- 14,
-# 22 <- 26), exact 2x, 1x1 coarse maps, channel counts that are not a multiple of any block.
-UPSAMPLE_CASES = [
-    (1, 20, 25, 37, 13, 19),
-    (2, 3, 46, 22, 14, 26),
-    (2, 130, 8, 8, 4, 4),
-    (1, 17, 7, 5, 3, 4),
-    (1, 5, 6, 9, 1, 1),
-]
-# (B, Cin, Cout, H, W, h, w) of the lateral op: K and N not multiples of the GEMM blocks.
-LATERAL_CASES = [
-    (1, 24, 20, 25, 37, 13, 19),
-    (2, 40, 70, 9, 11, 5, 6),
-    (1, 16, 8, 46, 22, 14, 26),
-]
+FUSED = backend_devices("triton", "cpp", "cuda")
 
 
-def backend_or_skip(op, backend: str, device: str, dtype: torch.dtype) -> None:
-    reasons = op.reasons(backend, mf_kernels.dispatch.make_inputs(device, dtype, numel=1, grad=False))
-    if reasons:
-        pytest.skip(f"{op.name}[{backend}] unavailable here: {'; '.join(reasons)}")
+def upsample_case(b: int, c: int, height: int, width: int, h: int, w: int) -> FpnShape:
+    return FpnShape("case", "", b, c, c, height, width, h, w)
 
 
-def device_of(backend: str) -> str:
-    return "cuda" if backend == "cuda" else "cpu"
+def lateral_case(b: int, cin: int, cout: int, height: int, width: int, h: int, w: int) -> FpnShape:
+    return FpnShape("case", "", b, cin, cout, height, width, h, w)
 
 
-def tolerance(dtype: torch.dtype, reduction: int) -> tuple[float, float]:
-    """(rtol, atol) for a fused result vs the fp64 oracle rounded to `dtype`: a few ulps of the output dtype,
-    scaled by sqrt of the reduction length for the GEMM (accumulation order differs)."""
-    scale = max(1.0, reduction ** 0.5 / 4)
-    if dtype == torch.float16:
-        return 2e-3, 2e-3 * scale
-    return 1e-5, 1e-5 * scale
+# Odd sizes as the ceil-dividing backbones give them (25x37 <- 13x19), non-integer and < 1 ratios, pairs
+# where PyTorch's fp32 index rule differs from exact and from fp64 arithmetic (46 <- 14, 22 <- 26), exact
+# 2x, 1x1 coarse maps, channel counts that are not a multiple of any block.
+UPSAMPLE_CASES = [upsample_case(1, 20, 25, 37, 13, 19), upsample_case(2, 3, 46, 22, 14, 26),
+                  upsample_case(2, 130, 8, 8, 4, 4), upsample_case(1, 17, 7, 5, 3, 4), upsample_case(1, 5, 6, 9, 1, 1)]
+# The lateral op: K (Cin) and N (Cout) not multiples of the GEMM blocks.
+LATERAL_CASES = [lateral_case(1, 24, 20, 25, 37, 13, 19), lateral_case(2, 40, 70, 9, 11, 5, 6),
+                 lateral_case(1, 16, 8, 46, 22, 14, 26)]
 
 
-def assert_close_to_oracle(out: torch.Tensor, oracle: torch.Tensor, torch_own: torch.Tensor, reduction: int) -> None:
-    """Fused error ≤ 2 × PyTorch's own error in that dtype + a dtype tolerance (flash-attn's oracle)."""
-    assert out.shape == oracle.shape and out.dtype == oracle.dtype
-    rtol, atol = tolerance(out.dtype, reduction)
-    err = (out.double() - oracle.double()).abs().max().item()
-    own = (torch_own.double() - oracle.double()).abs().max().item()
-    bound = 2 * own + atol + rtol * oracle.double().abs().max().item()
-    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (PyTorch's own error {own:.3g})"
-
-
-def make_upsample(case, dtype, device, seed=0):
-    b, c, height, width, h, w = case
-    g = torch.Generator().manual_seed(seed)
-    lateral = torch.randn(b, c, height, width, generator=g).to(device, dtype)
-    coarse = torch.randn(b, c, h, w, generator=g).to(device, dtype)
-    return lateral, coarse
-
-
-def make_lateral(case, dtype, device, seed=0):
-    b, cin, cout, height, width, h, w = case
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, cin, height, width, generator=g).to(device, dtype)
-    weight = (torch.randn(cout, cin, generator=g) * cin ** -0.5).to(device)
-    bias = torch.randn(cout, generator=g).to(device)
-    coarse = torch.randn(b, cout, h, w, generator=g).to(device, dtype)
-    return x, weight, bias, coarse
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,19 +60,19 @@ def test_nearest_scale_is_pytorch_fp32_rule():
     for in_size in range(1, 40):
         for out_size in range(1, 90):
             dst = np.arange(out_size, dtype=np.float32)
-            ours = np.minimum(np.floor(dst * np.float32(fpn.nearest_scale(in_size, out_size))), in_size - 1)
+            ours = np.minimum(np.floor(dst * np.float32(fp32_ratio(in_size, out_size))), in_size - 1)
             src = torch.arange(in_size, dtype=torch.float32).view(1, 1, 1, in_size)
             theirs = F.interpolate(src, size=(1, out_size), mode="nearest").view(-1).numpy()
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{in_size} -> {out_size}")
 
 
 def test_checks_name_the_problem():
-    lateral, coarse = make_upsample(UPSAMPLE_CASES[0], torch.float32, "cpu")
+    lateral, coarse = UPSAMPLE_CASES[0].upsample_inputs(torch.float32)
     with pytest.raises(ValueError, match="channel counts differ"):
         mf_kernels.fpn_upsample_add(lateral, coarse[:, :3])
     with pytest.raises(ValueError, match="dtype"):
         mf_kernels.fpn_upsample_add(lateral, coarse.half())
-    x, weight, bias, coarse = make_lateral(LATERAL_CASES[0], torch.float32, "cpu")
+    x, weight, bias, coarse = LATERAL_CASES[0].lateral_inputs(torch.float32)
     with pytest.raises(ValueError, match=r"\[Cout, Cin\]"):
         mf_kernels.fpn_lateral_upsample_add(x, weight[:, :, None, None], bias, coarse)
     with pytest.raises(ValueError, match="bias"):
@@ -124,24 +83,22 @@ def test_checks_name_the_problem():
 # fpn_upsample_add: every backend is bit-exact (one add, one rounding, same source pixel)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_upsample_add_parity(backend, dtype):
-    device = device_of(backend)
-    backend_or_skip(fpn.fpn_upsample_add, backend, device, dtype)
+def test_upsample_add_parity(backend, device, dtype, require_backend):
+    require_backend(backend)
     with mf_kernels.use(backend):
         for case in UPSAMPLE_CASES:
-            lateral, coarse = make_upsample(case, dtype, device)
+            lateral, coarse = case.upsample_inputs(dtype, device, generator())
             expected = fpn.fpn_upsample_add_ref(lateral, coarse)
             assert torch.equal(mf_kernels.fpn_upsample_add(lateral, coarse), expected), case
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
-def test_upsample_add_layouts(backend):
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_upsample_add_layouts(backend, device, require_backend):
     """channels_last, mixed layouts, a view whose rows are not dense, a channel slice: any strides."""
-    device = device_of(backend)
-    backend_or_skip(fpn.fpn_upsample_add, backend, device, torch.float16)
-    lateral, coarse = make_upsample((2, 20, 25, 37, 13, 19), torch.float16, device, seed=1)
+    require_backend(backend)
+    lateral, coarse = upsample_case(2, 20, 25, 37, 13, 19).upsample_inputs(torch.float16, device, generator(1))
     expected = fpn.fpn_upsample_add_ref(lateral, coarse)
     cl = torch.channels_last
     wide = torch.zeros(2, 40, 25, 74, dtype=lateral.dtype, device=device)
@@ -158,13 +115,12 @@ def test_upsample_add_layouts(backend):
             assert torch.equal(out, expected), name
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
-def test_upsample_add_backward_matches_reference(backend):
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_upsample_add_backward_matches_reference(backend, device, require_backend):
     """The fused upsample-add also runs in training (reference pixel-decoder path): exact gradients."""
-    device = device_of(backend)
-    backend_or_skip(fpn.fpn_upsample_add, backend, device, torch.float32)
-    lateral, coarse = make_upsample((2, 5, 25, 37, 13, 19), torch.float32, device, seed=7)
-    upstream = torch.randn(lateral.shape, device=device)
+    require_backend(backend)
+    lateral, coarse = upsample_case(2, 5, 25, 37, 13, 19).upsample_inputs(torch.float32, device, generator(7))
+    upstream = torch.randn(lateral.shape, generator=generator(8)).to(device)
     grads = []
     for choice in ("reference", backend):
         lat, co = lateral.clone().requires_grad_(), coarse.clone().requires_grad_()
@@ -177,16 +133,16 @@ def test_upsample_add_backward_matches_reference(backend):
 
 
 def test_fused_lateral_refuses_gradients_with_a_reason():
-    x, weight, bias, coarse = make_lateral(LATERAL_CASES[0], torch.float32, "cpu")
+    x, weight, bias, coarse = LATERAL_CASES[0].lateral_inputs(torch.float32)
     with mf_kernels.use("triton"), pytest.raises(mf_kernels.NotSupportedError, match="inference-only"):
         mf_kernels.fpn_lateral_upsample_add(x, weight.requires_grad_(), bias, coarse)
 
 
-def test_upsample_add_triton_in_place_and_configs():
-    backend_or_skip(fpn.fpn_upsample_add, "triton", "cpu", torch.float32)
+@pytest.mark.parametrize("device", device_params("triton"))
+def test_upsample_add_triton_in_place_and_configs(device):
     from mf_kernels import fpn_triton
 
-    lateral, coarse = make_upsample((1, 20, 25, 37, 13, 19), torch.float32, "cpu", seed=2)
+    lateral, coarse = upsample_case(1, 20, 25, 37, 13, 19).upsample_inputs(torch.float32, device, generator(2))
     expected = fpn.fpn_upsample_add_ref(lateral, coarse)
     for cfg in (fpn_triton.UPSAMPLE_PIXELS_INNER, fpn_triton.UPSAMPLE_CHANNELS_INNER):
         assert torch.equal(fpn_triton.fpn_upsample_add_triton(lateral, coarse, config=cfg), expected)
@@ -196,46 +152,63 @@ def test_upsample_add_triton_in_place_and_configs():
 
 
 # ----------------------------------------------------------------------------------------------------
-# fpn_lateral_upsample_add
+# fpn_lateral_upsample_add: the shared oracle; fp32 dots in TF32 (cuDNN, the Triton GEMM on sm_80+) get
+# the TF32 bound, which says how large TF32's error may be
 
 
 def _check_lateral(out, x, weight, bias, coarse):
-    oracle = fpn.fpn_lateral_upsample_add_ref(x, weight, bias, coarse, upcast=True)
-    torch_own = fpn.fpn_lateral_upsample_add_ref(x.cpu(), weight.cpu(), bias.cpu(), coarse.cpu()).to(x.device)
-    assert_close_to_oracle(out, oracle, torch_own, reduction=x.shape[1])
+    tf32 = tf32_abs_dot(x, weight) if x.dtype == torch.float32 and tf32_in_use(x.device) else None
+    assert_parity(out, fpn.fpn_lateral_upsample_add_ref, x, weight, bias, coarse, tf32_abs_dot=tf32)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_lateral_upsample_add_parity(backend, dtype):
-    device = device_of(backend)
-    backend_or_skip(fpn.fpn_lateral_upsample_add, backend, device, dtype)
+def test_lateral_upsample_add_parity(backend, device, dtype, require_backend):
+    require_backend(backend)
     with mf_kernels.use(backend):
         for case in LATERAL_CASES:
-            x, weight, bias, coarse = make_lateral(case, dtype, device)
+            x, weight, bias, coarse = case.lateral_inputs(dtype, device, generator())
             _check_lateral(mf_kernels.fpn_lateral_upsample_add(x, weight, bias, coarse), x, weight, bias, coarse)
-        x, weight, bias, coarse = make_lateral(LATERAL_CASES[0], dtype, device, seed=3)
+        x, weight, bias, coarse = LATERAL_CASES[0].lateral_inputs(dtype, device, generator(3))
         cl = x.contiguous(memory_format=torch.channels_last)
-        out = mf_kernels.fpn_lateral_upsample_add(cl, weight, bias, coarse)
-        _check_lateral(out, x, weight, bias, coarse)
+        _check_lateral(mf_kernels.fpn_lateral_upsample_add(cl, weight, bias, coarse), x, weight, bias, coarse)
 
 
+@pytest.mark.parametrize("device", device_params("triton"))
 @pytest.mark.parametrize("arch", [75, 80])
-def test_lateral_triton_gemm_configs(arch):
-    """Every GEMM tile the launcher can pick on sm_75 and sm_80+ (interpreted), fp16 and fp32, plus the
-    sm_75 "conv + add" path, on odd K / N / pixel counts."""
-    backend_or_skip(fpn.fpn_lateral_upsample_add, "triton", "cpu", torch.float32)
+def test_lateral_triton_gemm_configs(arch, device):
+    """Every GEMM tile the launcher can pick on sm_75 and sm_80+ (interpreted on CPU, compiled on CUDA),
+    fp16 and fp32, plus the sm_75 "conv + add" path, on odd K / N / pixel counts."""
     from mf_kernels import fpn_triton
 
-    case = (2, 40, 70, 9, 11, 5, 6)
     for dtype in DTYPES:
-        x, weight, bias, coarse = make_lateral(case, dtype, "cpu", seed=4)
+        x, weight, bias, coarse = lateral_case(2, 40, 70, 9, 11, 5, 6).lateral_inputs(dtype, device, generator(4))
         for cfg in fpn_triton.gemm_configs(arch, dtype):
             out = fpn_triton.fpn_lateral_upsample_add_triton(x, weight, bias, coarse, path="gemm", config=cfg)
             _check_lateral(out, x, weight, bias, coarse)
         if arch == 75:
             out = fpn_triton.fpn_lateral_upsample_add_triton(x, weight, bias, coarse, path="conv+add")
             _check_lateral(out, x, weight, bias, coarse)
+
+
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest TF32 value (10 mantissa bits, ties away from zero, as cvt.rna.tf32.f32)."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32_tolerance_bounds_tf32_dots_and_is_needed():
+    """The oracle's TF32 term on what a GPU would compute (operands rounded to TF32, exact products): the
+    real lateral shape (K = 256) passes with it, and fails the plain fp32 tolerance (so it is not slack)."""
+    res2 = next(s for s in FPN_SHAPES if s.level == "res2")
+    shape = lateral_case(1, res2.cin, res2.cout, 12, 13, 6, 7)
+    x, weight, bias, coarse = shape.lateral_inputs(torch.float32, "cpu", generator(9))
+    tf32_out = fpn.fpn_lateral_upsample_add_ref(round_to_tf32(x).double(), round_to_tf32(weight).double(),
+                                                bias.double(), coarse.double()).float()
+    with_bound = parity(tf32_out, fpn.fpn_lateral_upsample_add_ref, x, weight, bias, coarse,
+                        tf32_abs_dot=tf32_abs_dot(x, weight))
+    assert with_bound.ok and with_bound.tf32 and "TF32" in str(with_bound), with_bound
+    assert not parity(tf32_out, fpn.fpn_lateral_upsample_add_ref, x, weight, bias, coarse).ok
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,12 +278,13 @@ def _pixel_decoder_outputs(backend: str, decoder, images):
     return [mask_features] + multi_scale
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp", "auto"])
-def test_pixel_decoder_fused_path_matches_reference(backend):
+@pytest.mark.parametrize("backend,device", FUSED + [pytest.param("auto", "cpu", id="auto-cpu")])
+def test_pixel_decoder_fused_path_matches_reference(backend, device, require_backend, no_tf32):
+    """The fused model path (BN folding, the fused lateral op) vs the unfused reference model; on CUDA
+    both run without TF32 (`no_tf32`), so they differ by fp32 rounding only."""
     from fai_mf.modeling.pixel_decoder import PixelDecoder
 
-    if backend != "auto":
-        backend_or_skip(fpn.fpn_lateral_upsample_add, backend, "cpu", torch.float32)
+    require_backend(backend)
     torch.manual_seed(0)
     decoder = PixelDecoder(tiny_config()).eval()
     for k in (1, 2, 3):  # non-trivial BN statistics, so folding matters
@@ -320,7 +294,8 @@ def test_pixel_decoder_fused_path_matches_reference(backend):
             norm.running_var.uniform_(0.5, 2.0)
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.normal_(0, 0.5)
-    images = torch.randn(1, 3, 100, 76)  # odd sizes: every top-down step has a non-2x ratio
+    decoder.to(device)
+    images = torch.randn(1, 3, 100, 76).to(device)  # odd sizes: every top-down step has a non-2x ratio
     expected = _pixel_decoder_outputs("reference", decoder, images)
     got = _pixel_decoder_outputs(backend, decoder, images)
     for e, g in zip(expected, got):
@@ -359,19 +334,22 @@ def test_registered_backends_and_t4_decision():
     assert "WMMA" in fpn.fpn_lateral_upsample_add.implementations["cuda"].description
 
 
-@pytest.mark.parametrize("capability,dtype,deferred", [((7, 5), torch.float16, True), ((7, 5), torch.float32, False),
-                                                       ((8, 0), torch.float16, False)])
-def test_auto_on_t4_defers_the_fp16_lateral_op_to_the_wmma_kernel(monkeypatch, capability, dtype, deferred):
-    """No GPU here: fake a device of `capability` whose CUDA extension can run, and ask triton's check."""
+@pytest.mark.parametrize("capability,dtype,preferred", [((7, 5), torch.float16, True), ((7, 5), torch.float32, False),
+                                                        ((8, 0), torch.float16, False)])
+def test_auto_on_t4_prefers_the_wmma_kernel_for_the_fp16_lateral_op(monkeypatch, capability, dtype, preferred):
+    """No GPU here: fake a device of `capability` and ask the op's auto order. sm_75 fp16 walks cuda first
+    (an order, not a refusal: triton still accepts the inputs, and is next)."""
+    from mf_kernels import info
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fpn.fpn_lateral_upsample_add.implementations["cuda"], "environment", lambda device_type: [])
-    inputs = mf_kernels.dispatch.make_inputs("cuda", dtype, numel=0, grad=False)
-    with mf_kernels.use("auto"):
-        reasons = fpn._triton_lateral_check(inputs)
-    assert bool(reasons) == deferred and (not deferred or "WMMA" in reasons[0])
-    with mf_kernels.use("triton"):  # named: triton always runs (cuDNN conv + its fused add on sm_75)
-        assert fpn._triton_lateral_check(inputs) == []
+    op = fpn.fpn_lateral_upsample_add
+    inputs = mf_kernels.dispatch.make_inputs("cuda", dtype, too_large=False, grad=False)
+    order = op.auto_order(inputs)
+    assert (order[:2] == ("cuda", "triton")) == preferred
+    assert order == mf_kernels.dispatch.AUTO_ORDER["cuda"] or preferred
+    assert "triton" in order and op.implementations["triton"].check(inputs) == []
+    report = "\n".join(info.auto_preferences())
+    assert "fpn_lateral_upsample_add, cuda float16 below sm_80: cuda > triton" in report and "WMMA" in report
 
 
 def test_roofline_rows_at_the_model_shapes():

@@ -1,27 +1,24 @@
 """Masked cross-attention (SPEC §4.1): reference semantics, the sdpa and Triton backends against the fp64
-reference (the shared oracle in `mf_kernels.testing`), the split plan, and the whole tiny model.
-
-Triton runs in the interpreter here: TRITON_INTERPRET is set before anything imports triton (the
-kernels read it when they are decorated, on the triton backend's first use).
+reference (the shared oracle in `mf_kernels.testing`) on every device here (`conftest.device_params`: the
+Triton interpreter on CPU, the compiled kernels on CUDA), the split plan, and the whole tiny model.
 """
 from __future__ import annotations
 
-import os
+import math
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import math  # noqa: E402
+import fai_mf
+import mf_kernels
+from mf_kernels.masked_attention import masked_cross_attention_ref, masked_cross_attention_sdpa
+from mf_kernels.shapes import MASKED_ATTENTION_SHAPES
+from mf_kernels.testing import ROW_KINDS, assert_close_outputs, assert_parity, masked_attention_inputs
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fai_mf  # noqa: E402
-import mf_kernels  # noqa: E402
-from mf_kernels.masked_attention import masked_cross_attention_ref, masked_cross_attention_sdpa  # noqa: E402
-from mf_kernels.shapes import MASKED_ATTENTION_SHAPES  # noqa: E402
-from mf_kernels.testing import ROW_KINDS, assert_close_outputs, assert_parity, masked_attention_inputs  # noqa: E402
+from conftest import backend_devices, device_params
 
 DTYPES = (torch.float32, torch.float16)
+TRITON_DEVICES = device_params("triton")
 
 
 def triton_backend():
@@ -58,11 +55,13 @@ def test_nan_logit_is_open_like_the_reference():
 # sdpa (the CPU path auto picks)
 
 
+@pytest.mark.parametrize("device", device_params("sdpa"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("queries,hw", [(1, 37), (7, 37), (7, 401), (100, 401)])
-def test_sdpa_matches_reference(queries: int, hw: int, dtype: torch.dtype):
+def test_sdpa_matches_reference(queries: int, hw: int, dtype: torch.dtype, device: str):
     for first_kind in range(len(ROW_KINDS) if queries == 1 else 1):
-        q, k, v, logits = masked_attention_inputs(2, queries, hw, dtype=dtype, seed=hw + queries, first_kind=first_kind)
+        q, k, v, logits = masked_attention_inputs(2, queries, hw, dtype=dtype, seed=hw + queries, first_kind=first_kind,
+                                                  device=device)
         out = masked_cross_attention_sdpa(q, k, v, logits, 8)
         assert out.dtype == dtype
         assert_parity(out, masked_cross_attention_ref, q, k, v, logits, 8)
@@ -71,34 +70,42 @@ def test_sdpa_matches_reference(queries: int, hw: int, dtype: torch.dtype):
 # ---------------------------------------------------------------------------------------------------
 # Triton (interpreter)
 
-TRITON_CASES = [  # (batch, queries, hw, dtype); Q=1 runs every row kind
+# (batch, queries, hw, dtype); Q=1 runs every row kind. HW=161 is 6 key blocks of 32 (the last one ragged)
+# in 2 splits of 128 keys; Q=65 is 2 query blocks of 64, the second with one row; HW=1 a single key.
+TRITON_CASES = [
     (1, 1, 37, torch.float32),
     (1, 7, 37, torch.float16),
-    (2, 7, 401, torch.float32),
-    (1, 100, 401, torch.float32),
-    (1, 100, 401, torch.float16),
-    (1, 100, 1, torch.float32),
+    (2, 7, 161, torch.float32),
+    (1, 65, 161, torch.float32),
+    (1, 65, 161, torch.float16),
+    (1, 65, 1, torch.float32),
 ]
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("batch,queries,hw,dtype", TRITON_CASES,
                          ids=[f"B{b}-Q{q}-HW{hw}-{str(d)[6:]}" for b, q, hw, d in TRITON_CASES])
-def test_triton_matches_reference(batch: int, queries: int, hw: int, dtype: torch.dtype):
+def test_triton_matches_reference(batch: int, queries: int, hw: int, dtype: torch.dtype, device: str):
+    from mf_kernels.masked_attention_triton import plan
+
     run = triton_backend()
+    if hw == 161:  # the case exists to split the keys: check that the plan does
+        assert plan(*masked_attention_inputs(batch, queries, hw, dtype=dtype), 8)[0][1].grid[2] > 1
     for first_kind in range(len(ROW_KINDS) if queries == 1 else 1):
         q, k, v, logits = masked_attention_inputs(batch, queries, hw, dtype=dtype, seed=7 * hw + queries,
-                                                  first_kind=first_kind)
+                                                  first_kind=first_kind, device=device)
         out = run(q, k, v, logits, 8)
         assert out.dtype == dtype and out.shape == q.shape
         assert_parity(out, masked_cross_attention_ref, q, k, v, logits, 8)
 
 
-def test_triton_takes_strided_inputs_and_other_head_dims():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_takes_strided_inputs_and_other_head_dims(device: str):
     """Strides are passed explicitly: q sliced from a wider tensor, k/v from one packed kv tensor, logits
     transposed in memory; head dim 16 (D=64, 4 heads) and 64 (D=128, 2 heads)."""
     run = triton_backend()
     for dim, heads in ((64, 4), (128, 2)):
-        q, k, v, logits = masked_attention_inputs(2, 5, 45, dim=dim, heads=heads, seed=dim)
+        q, k, v, logits = masked_attention_inputs(2, 5, 45, dim=dim, heads=heads, seed=dim, device=device)
         q_wide = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :dim]
         kv = torch.stack([k, v], dim=2)  # [B, HW, 2, D]
         logits_t = logits.transpose(1, 2).contiguous().transpose(1, 2)
@@ -106,10 +113,11 @@ def test_triton_takes_strided_inputs_and_other_head_dims():
         assert_parity(out, masked_cross_attention_ref, q, k, v, logits, heads)
 
 
-def test_triton_row_whose_only_open_key_is_in_the_last_split():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_row_whose_only_open_key_is_in_the_last_split(device: str):
     """Every split but one sees a fully blocked row: the combine must not fall back to all keys."""
     run = triton_backend()
-    q, k, v, logits = masked_attention_inputs(1, 3, 300, seed=3, edge_rows=False)
+    q, k, v, logits = masked_attention_inputs(1, 3, 300, seed=3, edge_rows=False, device=device)
     logits[0, 0] = -1.0
     logits[0, 0, 299] = 0.5
     logits[0, 1] = -1.0  # all blocked: every key
@@ -118,18 +126,20 @@ def test_triton_row_whose_only_open_key_is_in_the_last_split():
     assert_parity(out, masked_cross_attention_ref, q, k, v, logits, 8)
 
 
-def test_triton_with_no_queries_launches_nothing():
-    q, k, v, logits = masked_attention_inputs(1, 0, 5)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_with_no_queries_launches_nothing(device: str):
+    q, k, v, logits = masked_attention_inputs(1, 0, 5, device=device)
     assert triton_backend()(q, k, v, logits, 8).shape == (1, 0, 256)
 
 
-def test_triton_refuses_what_it_cannot_run():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_refuses_what_it_cannot_run(device: str):
     run = triton_backend()
-    q, k, v, logits = masked_attention_inputs(1, 3, 8, dim=48, heads=1)
+    q, k, v, logits = masked_attention_inputs(1, 3, 8, dim=48, heads=1, device=device)
     with pytest.raises(ValueError, match="head dim 48"):
         run(q, k, v, logits, 1)
-    q, k, v, logits = masked_attention_inputs(1, 3, 8, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="bfloat16"):
+    q, k, v, logits = masked_attention_inputs(1, 3, 8, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="dtype bfloat16 not supported"):
         run(q, k, v, logits, 8)
 
 
@@ -174,10 +184,11 @@ def run_model(model: fai_mf.FAIMFModel, images: torch.Tensor, kernels: str):
         return model.model.forward_raw(images), model.model(images)
 
 
-@pytest.mark.parametrize("kernels", ["triton", "sdpa"])
-def test_whole_model_matches_reference(kernels: str, monkeypatch):
+@pytest.mark.parametrize("kernels,device", backend_devices("triton", "sdpa"))
+def test_whole_model_matches_reference(kernels: str, device: str, monkeypatch):
     model = tiny_attention_model()
-    images = torch.rand(1, 3, 64, 72, generator=torch.Generator().manual_seed(5)) * 255
+    model.model.to(device)
+    images = (torch.rand(1, 3, 64, 72, generator=torch.Generator().manual_seed(5)) * 255).to(device)
     ran = []
     op = mf_kernels.masked_cross_attention
     original_select = op.select

@@ -1,23 +1,60 @@
-"""Post-processing on hand-made probabilities and logits, with hand-checked expected results.
+"""Post-processing (SPEC §3) on hand-made probabilities and logits, with hand-checked expected results.
 
 Values are powers of two (0.25, 0.5, 0.75, ...) so float32 holds them exactly and every comparison
-against a threshold is decided by the rule under test, not by round-off.
+against a threshold is decided by the rule under test, not by round-off. Hand-made full-size
+probabilities go through the op's reference stats (`stats_of_probs`) and fai_mf's selection (`keep`):
+the same code `select_queries` runs on the model's logits.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fai_mf
-from fai_mf.postprocess import (
-    PostprocessOptions, instance_inference, masks_to_boxes, pixel_owners, postprocess_probs,
-    postprocess_reference, semantic_inference, upsample_mask_probs,
-)
+import mf_kernels
+from fai_mf.postprocess import (PostprocessOptions, candidates_of, instance_inference, keep, select_queries,
+                                semantic_inference)
+from mf_kernels.postprocess.reference import boxes_of_masks, pixel_owners, stats_of_probs, upsample_probs
 
 
 def opts(threshold=0.0, mask_threshold=0.5, predict_all_pixels=False, use_mask_score=False) -> PostprocessOptions:
     return PostprocessOptions(threshold, mask_threshold, predict_all_pixels, use_mask_score)
+
+
+@dataclass
+class Selected:
+    indices: torch.Tensor
+    classes: torch.Tensor
+    scores: torch.Tensor
+    boxes: torch.Tensor
+    areas: torch.Tensor
+    masks: torch.Tensor  # bool [K, H, W], rebuilt from the crops and boxes
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+def full_masks(stats, rows: list[int]) -> torch.Tensor:
+    """bool [K, H, W] of the stats rows `rows`, from their crops and boxes."""
+    height, width = stats.image_size
+    masks = torch.zeros(len(rows), height, width, dtype=torch.bool)
+    for i, k in enumerate(rows):
+        x1, y1, x2, y2 = stats.boxes[k].tolist()
+        masks[i, y1:y2 + 1, x1:x2 + 1] = stats.crops[k]
+    return masks
+
+
+def postprocess_probs(probs: torch.Tensor, class_probs: torch.Tensor, options: PostprocessOptions) -> Selected:
+    """SPEC §3 from full-size probabilities [Q, H, W]: the reference stats of the candidates, then `keep`."""
+    scores, classes, candidates = candidates_of(class_probs, options.threshold)
+    stats = stats_of_probs(probs, options.mask_threshold, scores=scores if options.predict_all_pixels else None,
+                           queries=candidates, crops=True)
+    kept = keep(stats, candidates, scores, classes, options, mask_format=None)
+    rows = [int((candidates == q).nonzero()) for q in kept.indices.tolist()]
+    return Selected(kept.indices, kept.classes, kept.scores, kept.boxes, kept.areas, full_masks(stats, rows))
 
 
 def probs_of(*maps: list[list[float]]) -> torch.Tensor:
@@ -134,11 +171,12 @@ def test_instance_inference_by_hand():
     assert len(instance_inference(probs, class_probs, top_k=100, mask_threshold=0.5)["scores"]) == 4  # Q*C
 
 
-def test_masks_to_boxes_inclusive_and_empty():
+def test_boxes_of_masks_inclusive_and_empty():
     masks = torch.zeros(3, 4, 5, dtype=torch.bool)
     masks[0, 1:3, 2] = True   # one column wide
     masks[1, 3, :] = True     # one row tall
-    assert masks_to_boxes(masks).tolist() == [[2, 1, 2, 2], [0, 3, 4, 3], [-1, -1, -1, -1]]
+    boxes = boxes_of_masks(masks)
+    assert boxes.dtype == torch.int32 and boxes.tolist() == [[2, 1, 2, 2], [0, 3, 4, 3], [-1, -1, -1, -1]]
 
 
 def test_reference_upsamples_like_the_model():
@@ -146,22 +184,25 @@ def test_reference_upsamples_like_the_model():
     torch.manual_seed(0)
     logits = torch.randn(4, 5, 6) * 3
     expected = F.interpolate(logits.sigmoid()[None], size=(19, 23), mode="bilinear", align_corners=False)[0]
-    assert torch.equal(upsample_mask_probs(logits, (19, 23)), expected)
+    assert torch.equal(upsample_probs(logits, (19, 23)), expected)
     class_probs = torch.tensor([[0.75, 0.25]] * 4)
-    out = postprocess_reference(logits, class_probs, (19, 23), opts(threshold=0.0, mask_threshold=0.5))
-    keep = (expected >= 0.5).sum((1, 2)) > 1
-    assert out.indices.tolist() == keep.nonzero().flatten().tolist()
-    assert torch.equal(out.masks, expected[keep] >= 0.5)
+    with mf_kernels.use("reference"):
+        out = select_queries(logits, class_probs, (19, 23), opts(threshold=0.0, mask_threshold=0.5), None)
+    keep_rows = (expected >= 0.5).sum((1, 2)) > 1
+    assert out.indices.tolist() == keep_rows.nonzero().flatten().tolist()
+    assert torch.equal(out.boxes, boxes_of_masks(expected[keep_rows] >= 0.5))
+    assert out.masks is None
 
 
 def test_reference_with_constant_logits():
     # logit 1 everywhere -> prob 0.73 everywhere -> the whole 7x9 image; logit -1 -> 0.27 -> empty.
     # (Not logit 0: bilinear weights do not sum to exactly 1 in float32, so 0.5 can become 0.49999997.)
     logits = torch.stack([torch.ones(2, 3), torch.full((2, 3), -1.0)])
-    out = postprocess_reference(logits, torch.tensor([[0.75, 0.25], [0.75, 0.25]]), (7, 9), opts())
+    with mf_kernels.use("reference"):
+        out = select_queries(logits, torch.tensor([[0.75, 0.25], [0.75, 0.25]]), (7, 9), opts())
     assert out.indices.tolist() == [0] and out.boxes.tolist() == [[0, 0, 8, 6]] and out.areas.tolist() == [63]
     with pytest.raises(ValueError, match="same Q"):
-        postprocess_reference(logits, torch.ones(3, 2), (7, 9), opts())
+        select_queries(logits, torch.ones(3, 2), (7, 9), opts())
 
 
 def test_options_none_takes_config_and_false_or_zero_override():

@@ -7,9 +7,11 @@ import torch
 from PIL import Image
 
 import fai_mf
+import mf_kernels
 from fai_mf.demo import synthetic_image
 from fai_mf.formats import FocoosDetections, decode_mask
-from fai_mf.postprocess import PostprocessOptions, postprocess_reference, upsample_mask_probs
+from fai_mf.postprocess import PostprocessOptions, select_queries
+from mf_kernels.postprocess.reference import upsample_probs
 
 
 def tiny_config(**overrides) -> fai_mf.MaskFormerConfig:
@@ -83,8 +85,9 @@ def test_matches_model_forward_and_reference(model):
     x = torch.from_numpy(image).permute(2, 0, 1).float()[None]
     with torch.inference_mode():
         out, raw = model.model(x), model.model.forward_raw(x)
-    assert torch.equal(upsample_mask_probs(raw.mask_logits[0], (29, 42)), out.masks[0])
-    kept = postprocess_reference(raw.mask_logits[0], out.logits[0], (29, 42), PostprocessOptions(0.0, 0.5))
+    assert torch.equal(upsample_probs(raw.mask_logits[0], (29, 42)), out.masks[0])
+    with mf_kernels.use("reference"):
+        kept = select_queries(raw.mask_logits[0], out.logits[0], (29, 42), PostprocessOptions(0.0, 0.5))
     result = model.predict(image, threshold=0.0)[0]
     assert len(result) == len(kept) > 0
     for det, q, cls_id, score in zip(result, kept.indices.tolist(), kept.classes.tolist(), kept.scores.tolist()):

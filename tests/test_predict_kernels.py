@@ -1,21 +1,22 @@
-"""`predict` gives the same detections with kernels="reference", "cpp" and "triton" (interpreter), for
-semantic + predict_all_pixels and instance (+ use_mask_score) models: same count, order and classes;
-masks equal except pixels within rounding of a threshold (IoU >= 0.999); boxes within 1 px; scores
-within 1e-4 (issue 5)."""
+"""`predict` gives the same detections with kernels="reference" and every fused backend on every device
+here (cpp; triton: the interpreter on CPU, compiled on CUDA; cuda), for semantic + predict_all_pixels and
+instance (+ use_mask_score) models: same count, order and classes; masks equal except pixels within
+rounding of a threshold (IoU >= 0.999); boxes within 1 px; scores within 1e-4.
+
+The interpreter runs the whole model here, so the triton cases use small images and one mask format per
+mode (both formats are covered across the modes; every format x mode x backend of the post-processing
+itself is `test_mask_postprocess.py`'s).
+"""
 from __future__ import annotations
 
-import os
+import numpy as np
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (kernels are decorated on first use)
+import fai_mf
+import mf_kernels
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fai_mf  # noqa: E402
-import mf_kernels  # noqa: E402
-
-from conftest import tiny_config  # noqa: E402
+from conftest import backend_devices, tiny_config
 
 MODES = {
     "instance": dict(postprocessing_type="instance"),
@@ -24,18 +25,31 @@ MODES = {
 }
 
 
-def _model(mode: str) -> fai_mf.FAIMFModel:
+def _model(mode: str, queries: int = 12) -> fai_mf.FAIMFModel:
     torch.manual_seed(7)
-    cfg = tiny_config(num_queries=12, transformer_predictor_hidden_dim=256, **MODES[mode])  # head dim 32
+    cfg = tiny_config(num_queries=queries, transformer_predictor_hidden_dim=256, **MODES[mode])  # head dim 32
     model = fai_mf.FAIMaskFormer(cfg).eval()
     with torch.no_grad():  # random weights give masks all near 0.5: sharpen them into real shapes
         model.pixel_decoder.mask_features.weight.mul_(40.0)
     return fai_mf.FAIMFModel(cfg, model, classes=["a", "b", "c"], name=mode)
 
 
-def _images() -> list[np.ndarray]:
+def _images(sizes=((61, 83), (64, 64))) -> list[np.ndarray]:
     rng = np.random.default_rng(3)
-    return [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in ((61, 83), (64, 64))]
+    return [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+# The interpreter's cost grows with queries x pixels: the triton and cuda cases run 7 queries on two small
+# odd-sized images (ceil-divided strides, several row blocks of the stats kernel, two sizes in one call).
+SMALL_SIZES = ((29, 43), (23, 31))
+SMALL_QUERIES = 7
+# (mode, mask_format) pairs of the triton and cuda cases: every mode, both formats.
+GPU_CASES = [("instance", "png"), ("instance_mask_score", "rle"), ("semantic_all_pixels", "rle"),
+             ("semantic_all_pixels", "png")]
+CASES = ([pytest.param(mode, fmt, *p.values, id=f"{mode}-{fmt}-{p.id}", marks=p.marks)
+          for mode in sorted(MODES) for fmt in ("png", "rle") for p in backend_devices("cpp")]
+         + [pytest.param(mode, fmt, *p.values, id=f"{mode}-{fmt}-{p.id}", marks=p.marks)
+            for mode, fmt in GPU_CASES for p in backend_devices("triton", "cuda")])
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -53,17 +67,15 @@ def _assert_same(ref, fused, sizes):
             assert _iou(fai_mf.decode_mask(dr, size), fai_mf.decode_mask(df, size)) >= 0.999
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("kernels", ["cpp", "triton"])
-@pytest.mark.parametrize("mask_format", ["png", "rle"])
-def test_predict_same_with_fused_postprocessing(mode, kernels, mask_format):
-    m = _model(mode)
-    images = _images()
+@pytest.mark.parametrize("mode,mask_format,kernels,device", CASES)
+def test_predict_same_with_fused_postprocessing(mode, mask_format, kernels, device, require_backend, no_tf32):
+    require_backend(kernels)
+    small = kernels != "cpp"
+    m = _model(mode, SMALL_QUERIES if small else 12)
+    m.model.to(device)
+    images = _images(SMALL_SIZES if small else ((61, 83), (64, 64)))
     sizes = [im.shape[:2] for im in images]
     op = mf_kernels.dispatch.OPS["mask_postprocess"]
-    reasons = op.reasons(kernels, op.inputs_of(torch.zeros(2, 4, 4), (16, 16), 0.5))
-    if kernels == "cpp" and reasons:
-        pytest.fail(f"the C++ extension must build here: {reasons}")
     m.set_kernels("reference")
     ref = m.predict(images, threshold=0.05, mask_format=mask_format)
     assert sum(len(r.detections) for r in ref) >= 3, "the test needs detections to compare"
@@ -73,18 +85,21 @@ def test_predict_same_with_fused_postprocessing(mode, kernels, mask_format):
     assert op.last_backend == kernels
 
 
-def test_semantic_metrics_path_fused_label_map_matches_reference():
-    """The metrics path's label map through `mf_kernels.semantic_label_map` (cpp) equals the reference
-    argmax over full-size probabilities, except pixels whose two best class scores tie within rounding."""
+@pytest.mark.parametrize("kernels,device", backend_devices("cpp", "cuda"))
+def test_semantic_metrics_path_fused_label_map_matches_reference(kernels, device, require_backend, no_tf32):
+    """The metrics path's label map through `mf_kernels.semantic_label_map` equals the reference argmax over
+    full-size probabilities, except pixels whose two best class scores tie within rounding."""
     from fai_mf.evaluate import fused_semantic_label_map, query_probs
     from fai_mf.postprocess import semantic_inference
 
+    require_backend(kernels)
     m = _model("semantic_all_pixels")
+    m.model.to(device)
     image = torch.from_numpy(_images()[0]).permute(2, 0, 1).float()
     m.set_kernels("reference")
-    probs, class_probs = query_probs(m, image)
+    probs, class_probs = (t.cpu() for t in query_probs(m, image))
     expected = semantic_inference(probs, class_probs)
-    m.set_kernels("cpp")
+    m.set_kernels(kernels)
     got = fused_semantic_label_map(m, image)
     assert got.shape == expected.shape
     differ = got != expected

@@ -14,7 +14,6 @@ from typing import Any, Literal
 logger = logging.getLogger(__name__)
 
 PostprocessingType = Literal["semantic", "instance"]
-KernelsChoice = Literal["auto", "reference", "triton", "cpp", "cuda"]
 
 
 class ConfigError(ValueError):

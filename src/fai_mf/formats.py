@@ -88,6 +88,11 @@ def encode_rle(mask: Any) -> dict[str, Any]:
     return {"size": [int(binary.shape[0]), int(binary.shape[1])], "counts": compress_rle_counts(rle_counts(binary))}
 
 
+def rle_to_json(size: Sequence[int], counts: str) -> str:
+    """`FocoosDet.mask` of a COCO compressed RLE: the JSON string `{"size": [H, W], "counts": str}`."""
+    return json.dumps({"size": [int(size[0]), int(size[1])], "counts": counts})
+
+
 def _parse_rle(rle: Mapping[str, Any] | str) -> tuple[list[int], np.ndarray]:
     """`(size, counts)` of an RLE dict or its JSON string; counts compressed (str/bytes) or a list."""
     if isinstance(rle, str):
@@ -150,7 +155,12 @@ def encode_png(mask: Any) -> str:
         raise ValueError(f"cannot write an empty ({binary.shape}) mask as PNG")
     buffer = io.BytesIO()
     Image.fromarray(binary.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return png_to_base64(buffer.getvalue())
+
+
+def png_to_base64(png: bytes) -> str:
+    """`FocoosDet.mask` of a PNG file: its standard base64, as ASCII text."""
+    return base64.b64encode(png).decode("ascii")
 
 
 def decode_png(text: str) -> np.ndarray:
@@ -177,7 +187,7 @@ def encode_mask(mask: Any, bbox: Sequence[int] | None, mask_format: str = "png")
     check_mask_format(mask_format)
     binary = as_binary_mask(mask)
     if mask_format == "rle":
-        return json.dumps(encode_rle(binary))
+        return rle_to_json(binary.shape, encode_rle(binary)["counts"])
     if bbox is None:
         raise ValueError("a PNG mask needs the bbox it is cropped to")
     return encode_png(crop_to_bbox(binary, bbox))

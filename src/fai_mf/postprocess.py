@@ -1,20 +1,20 @@
-"""Post-processing of FAI-MF outputs (SPEC §3), pure-PyTorch reference.
+"""Post-processing of FAI-MF outputs (SPEC §3): the selection of the kept queries, on top of the ops.
 
-Two paths:
+Two paths, both through `mf_kernels` (so one tie rule, one box dtype, one upsample: the op's reference is
+the reference, and `kernels=` / `mf_kernels.use` / $MF_KERNELS pick the backend):
 
-* the user-facing path (`postprocess_reference`, used by `fai_mf.predict`): for ONE image, from the
-  stride-4 mask logits `[Q, h4, w4]` and class probabilities `[Q, C]` to the kept queries, each with its
-  index, class, score, inclusive bbox, area and full-size bool mask (`QueryResults`). It upsamples
-  exactly as `FAIMaskFormer.forward` does, then binarises (or assigns every pixel to one query with
-  predict_all_pixels), drops queries with at most one pixel, applies use_mask_score and the strict
-  score threshold. A fused kernel (SPEC §4.3) computes the same `QueryResults` straight from the logits;
-  `postprocess_queries` is the one call site it plugs into. Host-side encoding (PNG, RLE strings) lives
-  in `fai_mf.formats`, never here.
+* the user-facing path (`select_queries`, used by `fai_mf.predict`): for ONE image, from the stride-4
+  mask logits [Q, h4, w4] and class probabilities [Q, C] to the kept queries (`KeptQueries`): score and
+  class = max over classes; only queries whose class score exceeds `threshold` can survive (the mask
+  score is a mean of probabilities, at most 1), so only they are expanded by `mf_kernels.mask_postprocess`
+  (with predict_all_pixels every query still competes for the pixels); keep queries with more than one
+  pixel; with use_mask_score multiply by the mean probability inside the mask; keep score > threshold
+  (strict); keep query order. Their masks become `FocoosDet.mask` strings through the encoder ops
+  (`mask_strings`).
 * the metrics path (`semantic_inference`, `instance_inference`), on probabilities at image size.
 
-Scores and probabilities are compared in their own dtype (float32 for a float32 model), so a score
-equal to `threshold` in float32 is dropped (strict `>`), and a probability equal to `mask_threshold`
-is foreground (`>=`).
+Scores and probabilities are compared in fp32, so a score equal to `threshold` is dropped (strict `>`),
+and a probability equal to `mask_threshold` is foreground (`>=`).
 """
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+import mf_kernels
+from mf_kernels.postprocess.reference import MaskStats, boxes_of_masks, semantic_argmax, to_device
 
 from .config import MaskFormerConfig
+from .formats import check_mask_format, png_to_base64, rle_to_json
 
 
 @dataclass(frozen=True)
@@ -44,20 +47,19 @@ class PostprocessOptions:
         def pick(value: Any, name: str) -> Any:
             return getattr(config, name) if value is None else value
 
-        options = cls(threshold=float(pick(threshold, "threshold")),
-                      mask_threshold=float(pick(mask_threshold, "mask_threshold")),
-                      predict_all_pixels=bool(pick(predict_all_pixels, "predict_all_pixels")),
-                      use_mask_score=bool(pick(use_mask_score, "use_mask_score")))
-        return options
+        return cls(threshold=float(pick(threshold, "threshold")),
+                   mask_threshold=float(pick(mask_threshold, "mask_threshold")),
+                   predict_all_pixels=bool(pick(predict_all_pixels, "predict_all_pixels")),
+                   use_mask_score=bool(pick(use_mask_score, "use_mask_score")))
 
 
 @dataclass
-class QueryResults:
-    """The kept queries of one image, in query order (K of them).
+class KeptQueries:
+    """The kept queries of one image, in query order (K of them), as SPEC §3 selects them.
 
-    indices: int64 [K] query index; classes: int64 [K] class id; scores: float [K] final score;
-    boxes: int64 [K, 4] [x1, y1, x2, y2] with max inclusive; areas: int64 [K] foreground pixels;
-    masks: bool [K, H, W] full-size masks; image_size: (H, W).
+    indices, classes: int64 [K]; scores: fp32 [K] final scores; boxes: int32 [K, 4] inclusive
+    [x1, y1, x2, y2]; areas: int64 [K] (all CPU tensors); masks: K `FocoosDet.mask` strings (base64 PNG
+    of the box crop, or the JSON of a COCO compressed RLE), or None when no mask format was asked.
     """
 
     indices: torch.Tensor
@@ -65,90 +67,71 @@ class QueryResults:
     scores: torch.Tensor
     boxes: torch.Tensor
     areas: torch.Tensor
-    masks: torch.Tensor
+    masks: list[str] | None
     image_size: tuple[int, int]
 
     def __len__(self) -> int:
         return int(self.indices.numel())
 
 
-def upsample_mask_probs(mask_logits: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """[Q, h4, w4] stride-4 logits -> [Q, H, W] probabilities, as `FAIMaskFormer.forward`: bilinear
-    (align_corners=False) resize of the sigmoid. Computed in float32 (upcast from half)."""
-    probs = mask_logits.float().sigmoid()[None]
-    return F.interpolate(probs, size=tuple(image_size), mode="bilinear", align_corners=False)[0]
+def candidates_of(class_probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores fp32 [Q], classes int64 [Q], candidates int64 [K]) on the host from one copy of class_probs
+    [Q, C]: score, class = max over classes; the candidates are the queries whose score exceeds `threshold`
+    (a mask score is a mean of probabilities, at most 1, so no other query can be kept)."""
+    scores, classes = class_probs.float().cpu().max(-1)
+    return scores, classes, (scores > threshold).nonzero().flatten()
 
 
-def pixel_owners(mask_probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """int64 [H, W]: the query q maximising `scores[q] * mask_probs[q]` at each pixel, ties to the lowest q.
+def keep(stats: MaskStats, candidates: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
+         options: PostprocessOptions, mask_format: str | None = "png") -> KeptQueries:
+    """SPEC §3's selection from the stats of the candidate queries (`stats` row k is query candidates[k]).
 
-    mask_probs: [Q, H, W]; scores: [Q]. `torch.argmax` is documented to return the first maximal index,
-    which is the lowest-q tie rule (tests pin it)."""
-    return (scores[:, None, None] * mask_probs).argmax(0)
-
-
-def binarize(mask_probs: torch.Tensor, scores: torch.Tensor, options: PostprocessOptions) -> torch.Tensor:
-    """bool [Q, H, W]: `probs >= mask_threshold`, or with predict_all_pixels `owner == q`."""
-    if options.predict_all_pixels:
-        owners = pixel_owners(mask_probs, scores)
-        return owners[None] == torch.arange(mask_probs.shape[0], device=mask_probs.device)[:, None, None]
-    return mask_probs >= options.mask_threshold
-
-
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """int64 [K, 4] inclusive [x1, y1, x2, y2] of bool [K, H, W] masks (H, W >= 1); an empty mask gives
-    [-1, -1, -1, -1] (as the fused mask post-processing kernels report it)."""
-    height, width = masks.shape[-2:]
-    rows, cols = masks.any(2), masks.any(1)  # [K, H], [K, W]
-    ys = torch.arange(height, device=masks.device)
-    xs = torch.arange(width, device=masks.device)
-    x1, x2 = torch.where(cols, xs, width).amin(1), torch.where(cols, xs, -1).amax(1)
-    y1, y2 = torch.where(rows, ys, height).amin(1), torch.where(rows, ys, -1).amax(1)
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).long()
-    return boxes.masked_fill(~cols.any(1, keepdim=True), -1)
-
-
-def postprocess_probs(mask_probs: torch.Tensor, class_probs: torch.Tensor, options: PostprocessOptions) -> QueryResults:
-    """User-facing post-processing of one image from full-size probabilities.
-
-    mask_probs: [Q, H, W] mask probabilities at image size; class_probs: [Q, C] class probabilities.
-    Steps (SPEC §3): score, class = max over classes; binarise; keep queries with more than one pixel;
-    with use_mask_score multiply the score by the mean probability inside the mask; keep score > threshold.
+    candidates: int64 [K] CPU; scores, classes: [Q] CPU, the class score and class of every query.
     """
-    scores, classes = class_probs.max(-1)
-    bins = binarize(mask_probs, scores, options)
-    areas = bins.sum((1, 2))
-    keep = areas > 1
+    stats = stats.to_host()
+    final = scores[candidates]
     if options.use_mask_score:
-        inside = (mask_probs * bins).sum((1, 2))
-        scores = torch.where(keep, inside / areas.clamp(min=1).to(inside.dtype), torch.zeros_like(inside)) * scores
-    keep &= scores > options.threshold
-    indices = keep.nonzero().flatten()  # ascending: query order is kept
-    masks = bins[indices]
-    return QueryResults(indices=indices, classes=classes[indices], scores=scores[indices],
-                        boxes=masks_to_boxes(masks), areas=areas[indices], masks=masks,
-                        image_size=(int(mask_probs.shape[-2]), int(mask_probs.shape[-1])))
+        final = final * stats.mask_scores()
+    kept = ((stats.areas > 1) & (final > options.threshold)).nonzero().flatten()
+    indices = candidates[kept]
+    return KeptQueries(indices=indices, classes=classes[indices], scores=final[kept], boxes=stats.boxes[kept],
+                       areas=stats.areas[kept], masks=mask_strings(stats, kept.tolist(), mask_format),
+                       image_size=stats.image_size)
 
 
-def postprocess_reference(mask_logits: torch.Tensor, class_probs: torch.Tensor, image_size: tuple[int, int],
-                          options: PostprocessOptions) -> QueryResults:
-    """Reference user-facing post-processing of ONE image, from the model's raw mask output.
+def mask_strings(stats: MaskStats, rows: list[int], mask_format: str | None) -> list[str] | None:
+    """`FocoosDet.mask` of the stats rows `rows`: the JSON of the COCO compressed RLE of the full-size mask
+    ("rle", from `stats.rle_counts`) or the base64 PNG of its box crop ("png", from `stats.crops`)."""
+    if mask_format is None:
+        return None
+    if mask_format == "rle":
+        counts = mf_kernels.encode_rle_strings([stats.rle_counts[k] for k in rows])
+        return [rle_to_json(stats.image_size, c) for c in counts]
+    return [png_to_base64(png) for png in mf_kernels.encode_png_crops([stats.crops[k] for k in rows])]
 
-    mask_logits: [Q, h4, w4] stride-4 mask logits (`forward_raw(...).mask_logits[i]`);
-    class_probs: [Q, C] (`FAIMaskFormer.class_probs`); image_size: (H, W) of the input image.
-    Returns the kept queries (see `QueryResults`). This is the single source of truth the fused
-    mask post-processing kernels are checked against.
+
+def select_queries(mask_logits: torch.Tensor, class_probs: torch.Tensor, image_size: tuple[int, int],
+                   options: PostprocessOptions, mask_format: str | None = "png") -> KeptQueries:
+    """SPEC §3 for ONE image: stride-4 mask logits [Q, h4, w4] (`forward_raw(...).mask_logits[i]`) and
+    class probs [Q, C] (`FAIMaskFormer.class_probs`) -> the kept queries with their mask strings.
+
+    Device work: `mf_kernels.mask_postprocess` on the logits' device; the selection itself runs on the host
+    from one copy of the class probabilities and one of the per-candidate stats.
     """
     if mask_logits.dim() != 3 or class_probs.dim() != 2 or mask_logits.shape[0] != class_probs.shape[0]:
         raise ValueError(f"expected mask_logits [Q, h4, w4] and class_probs [Q, C] with the same Q, got "
                          f"{tuple(mask_logits.shape)} and {tuple(class_probs.shape)}")
-    return postprocess_probs(upsample_mask_probs(mask_logits, image_size), class_probs.float(), options)
-
-
-def postprocess_queries(mask_logits: torch.Tensor, class_probs: torch.Tensor, image_size: tuple[int, int],
-                        options: PostprocessOptions) -> QueryResults:
-    """The call site `fai_mf.predict` uses; today the reference, later the kernel dispatch (SPEC §4.3)."""
-    return postprocess_reference(mask_logits, class_probs, image_size, options)
+    if mask_format is not None:
+        check_mask_format(mask_format)
+    scores, classes, candidates = candidates_of(class_probs, options.threshold)
+    want = dict(rle=mask_format == "rle", crops=mask_format == "png")
+    if options.predict_all_pixels:
+        stats = mf_kernels.mask_postprocess(mask_logits, image_size, scores=to_device(scores, mask_logits.device),
+                                            queries=candidates, **want)
+    else:
+        stats = mf_kernels.mask_postprocess(mask_logits, image_size, options.mask_threshold, queries=candidates,
+                                            **want)
+    return keep(stats, candidates, scores, classes, options, mask_format)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,9 +142,9 @@ def semantic_inference(mask_probs: torch.Tensor, class_probs: torch.Tensor) -> t
     """Semantic label map: int64 [H, W] = argmax_c sum_q class_probs[q, c] * mask_probs[q].
 
     mask_probs: [Q, H, W] probabilities at image size; class_probs: [Q, C]. Ties go to the lowest class.
+    The same function as the reference of `mf_kernels.semantic_label_map`.
     """
-    scores = torch.einsum("qc,qhw->chw", class_probs.to(mask_probs.dtype), mask_probs)
-    return scores.argmax(0)
+    return semantic_argmax(mask_probs, class_probs)
 
 
 def instance_inference(mask_probs: torch.Tensor, class_probs: torch.Tensor, top_k: int,
@@ -182,6 +165,6 @@ def instance_inference(mask_probs: torch.Tensor, class_probs: torch.Tensor, top_
     areas = masks.sum((1, 2))
     inside = (probs * masks).sum((1, 2))
     mask_scores = torch.where(areas > 0, inside / areas.clamp(min=1).to(inside.dtype), torch.zeros_like(inside))
-    boxes = masks_to_boxes(masks).to(mask_probs.dtype)
+    boxes = boxes_of_masks(masks).to(mask_probs.dtype)
     boxes[areas == 0] = 0
     return {"scores": pair_probs.to(mask_scores.dtype) * mask_scores, "labels": labels, "masks": masks, "boxes": boxes}

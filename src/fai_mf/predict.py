@@ -2,9 +2,9 @@
 
 Flow per call: load and validate the images (`fai_mf.inputs`); group images of the same size into
 batches (results equal running them one at a time, up to float round-off of batched convolutions);
-run `forward_raw`; per image, the post-processing gives the kept queries and the host encodes their
-masks into `FocoosDet`s: with kernels="reference" `fai_mf.postprocess` + `fai_mf.formats` (the reference),
-otherwise the fused ops of `mf_kernels.mask_postprocess` (see `detections_from_raw`).
+run `forward_raw`; per image, `fai_mf.postprocess.select_queries` gives the kept queries with their mask
+strings through the post-processing ops, run by the model's kernels (`kernels="reference"`: the ops'
+PyTorch references), and they become `FocoosDet`s (see `detections_from_raw`).
 """
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 import mf_kernels
-from mf_kernels.mask_postprocess import detections_from_logits
 
-from .formats import FocoosDet, FocoosDetections, check_mask_format, encode_mask
+from .formats import FocoosDet, FocoosDetections, check_mask_format
 from .inputs import LoadedImage, load_images
-from .postprocess import PostprocessOptions, QueryResults, postprocess_queries
+from .postprocess import PostprocessOptions, select_queries
 
 if TYPE_CHECKING:
     from .io import FAIMFModel
@@ -58,43 +57,20 @@ def _resolve_class_names(model: "FAIMFModel", class_names: Sequence[str] | None)
     return names
 
 
-def detections_from_results(results: QueryResults, class_names: Sequence[str] | None,
-                            mask_format: str = "png") -> list[FocoosDet]:
-    """Host-side encoding of one image's kept queries into `FocoosDet`s (in query order)."""
-    masks = results.masks.cpu().numpy()
-    detections = []
-    for k, (cls_id, score, box) in enumerate(zip(results.classes.tolist(), results.scores.tolist(),
-                                                 results.boxes.tolist())):
-        mask = encode_mask(masks[k], box, mask_format)
-        label = _label(class_names, cls_id)
-        detections.append(FocoosDet(bbox=[int(v) for v in box], conf=float(score), cls_id=int(cls_id),
-                                    label=label, mask=mask))
-    return detections
-
-
 def detections_from_raw(mask_logits: torch.Tensor, class_probs: torch.Tensor, image_size: tuple[int, int],
                         options: PostprocessOptions, class_names: Sequence[str] | None = None,
                         mask_format: str = "png", kernels: str | None = None) -> list[FocoosDet]:
-    """One image: stride-4 mask logits [Q, h4, w4] and class probs [Q, C] -> its `FocoosDet`s.
+    """One image: stride-4 mask logits [Q, h4, w4] and class probs [Q, C] -> its `FocoosDet`s, in query order.
 
-    kernels: None follows `mf_kernels.use` / $MF_KERNELS / auto. "reference" runs the PyTorch reference
-    (every mask upsampled to full size, `fai_mf.postprocess`); anything else runs the fused
-    post-processing ops (`mf_kernels.mask_postprocess.detections_from_logits`: only the kept queries are
-    expanded, straight from the stride-4 logits, with the backend the dispatch picks).
+    kernels: the backend of the post-processing ops (None follows `mf_kernels.use` / $MF_KERNELS / auto;
+    "reference" runs their PyTorch references, every mask upsampled to full size as the model does).
     """
-    choice = kernels or mf_kernels.current_choice()
-    with torch.inference_mode(), mf_kernels.use(choice):
-        if choice == "reference":
-            kept = postprocess_queries(mask_logits, class_probs, image_size, options)
-            return detections_from_results(kept, class_names, mask_format)
-        fused = detections_from_logits(mask_logits, class_probs, image_size, threshold=options.threshold,
-                                       mask_threshold=options.mask_threshold,
-                                       predict_all_pixels=options.predict_all_pixels,
-                                       use_mask_score=options.use_mask_score, mask_format=mask_format)
+    with torch.inference_mode(), mf_kernels.use(kernels or mf_kernels.current_choice()):
+        kept = select_queries(mask_logits, class_probs, image_size, options, mask_format)
     return [FocoosDet(bbox=[int(v) for v in box], conf=float(score), cls_id=int(cls_id),
                       label=_label(class_names, int(cls_id)), mask=mask)
-            for cls_id, score, box, mask in zip(fused.classes.tolist(), fused.scores.tolist(), fused.boxes.tolist(),
-                                                fused.masks)]
+            for cls_id, score, box, mask in zip(kept.classes.tolist(), kept.scores.tolist(), kept.boxes.tolist(),
+                                                kept.masks)]
 
 
 def _label(class_names: Sequence[str] | None, cls_id: int) -> str | None:

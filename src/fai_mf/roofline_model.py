@@ -3,22 +3,19 @@ resolution, with its bytes, FLOPs and floor on a T4, their sum, and the measured
 
 The calls are recorded from a real forward (the model on CPU with the `auto` kernels, then the predict
 post-processing), so the list follows the model's schedule: one masked cross-attention per decoder
-layer at its level, one FPN step per level, the post-processing of the kept queries. Per-call byte and
-FLOP models are the kernels' own (`mf_kernels.roofline`, `mf_kernels.fpn`, `mf_kernels.mask_postprocess`).
-Floors use the peak the T4 path can use: FMA for Triton's tl.dot on sm_75, tensor cores for the WMMA /
-cuDNN fp16 paths (see `python -m mf_kernels.info`).
+layer at its level, one FPN step per level, the post-processing of the kept queries. The byte and FLOP
+models are the ops' own, declared once next to each op (`mf_kernels.roofline.call_rows`). Floors use the
+peak the T4 path can use: FMA for Triton's tl.dot on sm_75, tensor cores for the WMMA / cuDNN fp16 paths
+(see `python -m mf_kernels.info`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
-
-HOST_OPS = ("encode_rle_strings", "encode_rle_masks", "encode_png_crops")
 
 
 @contextlib.contextmanager
@@ -40,74 +37,6 @@ def record_op_calls() -> Iterator[list[tuple[str, tuple, dict]]]:
         dispatch.Op.__call__ = original
 
 
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
-
-
-def rows_for_call(name: str, args: tuple, kwargs: dict, dtype: torch.dtype) -> list:
-    """Roofline rows of one recorded call, as the T4 would run it in `dtype` (the profiled precision)."""
-    import importlib
-
-    from mf_kernels import fpn
-
-    mask_postprocess = importlib.import_module("mf_kernels.mask_postprocess")  # the module, not the op
-    from mf_kernels.roofline import Row, masked_attention_row
-    from mf_kernels.shapes import AttentionShape
-
-    size = torch.empty((), dtype=dtype).element_size()
-    dname = str(dtype).replace("torch.", "")
-    if name == "masked_cross_attention":
-        q, k, _, _, heads = args[:5]
-        shape = AttentionShape(f"Q={q.shape[1]} HW={k.shape[1]}", q.shape[0], q.shape[1], q.shape[2], heads, k.shape[1], 1)
-        return [masked_attention_row(shape, dtype)]
-    if name == "fpn_upsample_add":
-        lateral, coarse = args[:2]
-        shape = SimpleNamespace(batch=lateral.shape[0], cout=lateral.shape[1], height=lateral.shape[2],
-                                width=lateral.shape[3], coarse_height=coarse.shape[2], coarse_width=coarse.shape[3])
-        nbytes, flops = fpn.upsample_add_traffic(shape, size)
-        return [Row(name, f"{shape.cout}x{shape.height}x{shape.width}", dname, nbytes, flops, nbytes)]
-    if name == "fpn_lateral_upsample_add":
-        x, weight, _, coarse = args[:4]
-        shape = SimpleNamespace(batch=x.shape[0], cin=x.shape[1], cout=weight.shape[0], height=x.shape[2],
-                                width=x.shape[3], coarse_height=coarse.shape[2], coarse_width=coarse.shape[3])
-        paths = fpn.lateral_traffic(shape, size)
-        label = f"{shape.cin}->{shape.cout}x{shape.height}x{shape.width}"
-        if dtype == torch.float16:  # T4 path: the WMMA fused GEMM (tensor cores)
-            return [Row(name, label + " [WMMA fused]", dname, *paths["fused"], paths["fused"][0], uses_tensor_cores=True)]
-        return [Row(name, label + " [cuDNN conv + add, FMA]", dname, *paths["conv+add"], paths["conv+add"][0])]
-    if name == "mask_postprocess":
-        logits, image_size = args[:2]
-        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        q_all, h, w = logits.shape
-        queries = kwargs.get("queries")
-        ownership = kwargs.get("scores") is not None
-        kept = q_all if queries is None else int(queries.numel())
-        bits = kept * height * mask_postprocess.bits_row_bytes(width)
-        outputs = kept * (8 + 16 + 4)
-        per_pixel = mask_postprocess.FLOPS_BILINEAR + mask_postprocess.FLOPS_SIGMOID_TAPS
-        if ownership:  # every query competes for every pixel, then stats of the kept ones from the owner map
-            nbytes = q_all * h * w * size + height * width * 4 + bits + outputs
-            flops = q_all * height * width * (per_pixel + mask_postprocess.FLOPS_ARGMAX) \
-                + kept * height * width * mask_postprocess.FLOPS_STATS
-            label = f"ownership Q={q_all} expanded={kept} {height}x{width}"
-        else:
-            nbytes = kept * h * w * size + bits + outputs
-            flops = kept * height * width * (per_pixel + mask_postprocess.FLOPS_STATS)
-            label = f"threshold expanded={kept} {height}x{width}"
-        return [Row(name, label, dname, nbytes, flops, nbytes)]
-    if name == "semantic_label_map":
-        logits, class_probs, image_size = args[:3]
-        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        q_all, h, w = logits.shape
-        classes = class_probs.shape[1]
-        gemm = Row(name + "/class_maps", f"C={classes} Q={q_all} {h}x{w}", dname,
-                   (q_all * h * w + q_all * classes + classes * h * w) * size, 2 * classes * q_all * h * w)
-        argmax = Row(name + "/argmax", f"C={classes} {height}x{width}", dname, classes * h * w * size + height * width * 8,
-                     classes * height * width * (mask_postprocess.FLOPS_BILINEAR + mask_postprocess.FLOPS_ARGMAX))
-        return [gemm, argmax]
-    return []
-
-
 def _measure(name: str, args: tuple, kwargs: dict) -> float | None:
     """Median microseconds of the op under `auto` on CUDA (triton.testing.do_bench: events, L2 flushed)."""
     import mf_kernels
@@ -124,7 +53,7 @@ def model_roofline(model: str, resolution: int = 640, device: str = "t4", measur
                    dtype: str = "fp16") -> dict[str, Any]:
     """Every fused-kernel call of `model` at `resolution`², its T4 floor, the sum, and measured times on CUDA."""
     import mf_kernels
-    from mf_kernels.roofline import T4
+    from mf_kernels.roofline import T4, call_rows
 
     from . import load_model
     from .demo import synthetic_image
@@ -148,10 +77,9 @@ def model_roofline(model: str, resolution: int = 640, device: str = "t4", measur
     gpu = measure and torch.cuda.is_available()
     entries, total = [], 0.0
     for name, args, kwargs in calls:
-        if name in HOST_OPS:
-            continue
-        measured = _measure(name, args, kwargs) if gpu else None
-        for row in rows_for_call(name, args, kwargs, torch_dtype):
+        rows = call_rows(name, args, kwargs, torch_dtype)  # [] for the host encoders
+        measured = _measure(name, args, kwargs) if gpu and rows else None
+        for row in rows:
             floor_us = row.floor(T4) * 1e6
             total += floor_us
             entries.append({"op": row.op, "shape": row.shape, "dtype": row.dtype, "mb": row.bytes / 1e6,

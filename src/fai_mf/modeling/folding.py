@@ -1,10 +1,11 @@
 """Inference-time conv + BatchNorm (+ ReLU) folding for every conv-BN block of the model.
 
-In eval mode, with no gradient needed and kernels other than "reference", a conv followed by an
-eval-mode BatchNorm runs as one conv with the folded weight and bias (W·γ/σ, β − μ·γ/σ, computed in
-fp64 once and cached on the module, outside the state_dict): one pass over the activations instead of
-two. On CPU the folded weights are channels_last, so oneDNN runs the backbone in that layout. Training, autograd and `kernels="reference"` run conv then BN, exactly the reference model, and
-parameter names never change, so every checkpoint loads into either path.
+When the inference rewrites apply (`inference.inference_rewrites_apply`: eval mode, no gradient needed,
+kernels other than "reference"), a conv followed by an eval-mode BatchNorm with running statistics runs
+as one conv with the folded weight and bias (W·γ/σ, β − μ·γ/σ, computed in fp64 once and cached on the
+module, outside the state_dict): one pass over the activations instead of two. On CPU the folded weights
+are channels_last, so oneDNN runs the backbone in that layout. Otherwise conv then BN run, exactly the
+reference model, and parameter names never change, so every checkpoint loads into either path.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mf_kernels
+
+from .inference import inference_rewrites_apply
 
 
 def cached_on(module: nn.Module, attr: str, tensors: tuple[torch.Tensor, ...], eps: float,
@@ -49,12 +52,8 @@ def fold_conv_bn(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, t
 
 
 def folding_applies(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> bool:
-    """Eval-mode BN with running statistics, a bias-free conv, no autograd, and fused kernels chosen."""
-    if conv.training or norm.training or norm.running_mean is None or conv.bias is not None:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or norm.weight.requires_grad):
-        return False
-    return mf_kernels.current_choice() != "reference"
+    """A bias-free conv before a BN with running statistics, where the inference rewrites apply."""
+    return norm.running_mean is not None and conv.bias is None and inference_rewrites_apply((conv, norm), x)
 
 
 def conv_bn_act(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor, relu: bool) -> torch.Tensor:

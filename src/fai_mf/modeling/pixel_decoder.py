@@ -15,6 +15,7 @@ import mf_kernels
 from ..config import MaskFormerConfig
 from .backbones import Backbone, build_backbone
 from .folding import bn_tensors, cached_on, conv_bn_act
+from .inference import inference_rewrites_apply
 from .position_encoding import PositionEmbeddingSine
 
 
@@ -29,11 +30,10 @@ class ConvNorm(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv_bn_act(self, self.norm, x, self.relu)
 
-    def can_fold(self) -> bool:
-        """Whether this module is a 1x1 conv + eval-mode BatchNorm (running statistics), no ReLU."""
+    def is_foldable_1x1(self) -> bool:
+        """Whether this module is a 1x1 conv (no bias, no ReLU) + BatchNorm with running statistics."""
         return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not self.relu
-                and self.bias is None and not self.training and not self.norm.training
-                and self.norm.running_mean is not None)
+                and self.bias is None and self.norm.running_mean is not None)
 
     def folded_1x1(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight [Cout, Cin], bias [Cout]) fp32 of this 1x1 conv with its eval-mode BatchNorm folded in,
@@ -45,12 +45,12 @@ class ConvNorm(nn.Conv2d):
     def lateral_upsample_add(self, x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """`self(x) + nearest_upsample(coarse, x's size)`: the FPN top-down step with this adapter.
 
-        In eval mode with no gradient needed, one op (`mf_kernels.fpn_lateral_upsample_add`) on the
-        BN-folded weights, so a backend can fuse the conv and the add. Training, autograd, and
-        `kernels="reference"` keep conv + BN + `fpn_upsample_add`, exactly the reference model.
+        Where the inference rewrites apply (`inference_rewrites_apply`), one op
+        (`mf_kernels.fpn_lateral_upsample_add`) on the BN-folded weights, so a backend can fuse the conv and
+        the add. Training, autograd, and `kernels="reference"` keep conv + BN + `fpn_upsample_add`, exactly
+        the reference model.
         """
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if needs_grad or not self.can_fold() or mf_kernels.current_choice() == "reference":
+        if not (self.is_foldable_1x1() and inference_rewrites_apply(self, x)):
             return mf_kernels.fpn_upsample_add(self(x), coarse)
         weight, bias = self.folded_1x1()
         return mf_kernels.fpn_lateral_upsample_add(x, weight, bias, coarse)

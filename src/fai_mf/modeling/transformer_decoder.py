@@ -15,6 +15,7 @@ from torch import nn
 
 import mf_kernels
 
+from .inference import inference_rewrites_apply
 from .position_encoding import PositionEmbeddingSine
 
 NUM_LEVELS = 3
@@ -128,8 +129,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         Returns the predictions before the first layer and after each layer (length dec_layers + 1);
         the last one is the model's output, the others are the aux outputs used in training.
 
-        With `intermediate=False` (inference: only the last prediction is wanted), no autograd and fused
-        kernels chosen, the attention masks come from `_attention_logits_at_levels`: the same logits
+        With `intermediate=False` (only the last prediction is wanted) where the inference rewrites apply
+        (`inference_rewrites_apply`), the attention masks come from `_forward_last_only`: the same logits
         computed at each level's size directly, and only the last prediction is returned.
         """
         if len(features) != NUM_LEVELS:
@@ -143,7 +144,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
         tgt = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
 
-        if not intermediate and use_level_masks(mask_features):
+        if not intermediate and inference_rewrites_apply(self, mask_features):
             return [self._forward_last_only(tgt, query_pos, srcs, poss, sizes, mask_features)]
         class_logits, mask_logits = self.forward_prediction_heads(tgt, mask_features)
         predictions = [LayerPrediction(class_logits, mask_logits)]
@@ -180,11 +181,3 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             tgt = self.transformer_ffn_layers[i](tgt)
         class_logits, mask_logits = heads(tgt, mask_features)
         return LayerPrediction(class_logits, mask_logits)
-
-
-def use_level_masks(mask_features: torch.Tensor) -> bool:
-    """The level-size attention masks of `_forward_last_only` replace the reference order of operations
-    when fused kernels are chosen and nothing needs gradients."""
-    if torch.is_grad_enabled() and mask_features.requires_grad:
-        return False
-    return mf_kernels.current_choice() != "reference"

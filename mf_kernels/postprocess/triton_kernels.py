@@ -1,9 +1,11 @@
-"""Triton kernels of the mask post-processing (the `triton` backend of `mf_kernels.mask_postprocess`).
+"""The `triton` backend of the post-processing ops: kernels, launchers, the backend entry points, AOT specs.
 
-Imported lazily by that backend (it imports triton; TRITON_INTERPRET is read when the kernels below are
-decorated). Three kernels, none of which writes a float mask at image size:
+Imported lazily by the registration (`mf_kernels.postprocess`): it imports triton, and TRITON_INTERPRET is
+read when the kernels below are decorated. What the launchers accept is `limits`. Three kernels, none of
+which writes a float mask at image size; every grid is 1-D (a 2-D grid's second axis stops at 65535,
+i.e. at 262140 rows of 4), its program id split in the order given:
 
-1. `_mask_stats_kernel`, grid (K, row blocks): one program per (query, block of BLOCK_H output rows),
+1. `_mask_stats_kernel`, K x row-block programs: one program per (query, block of BLOCK_H output rows),
    walking the row block BLOCK_W columns at a time. Threshold mode computes each pixel's probability
    from the four stride-4 logits around it (PyTorch's bilinear taps, `_linear_taps`, and sigmoid in
    fp32) and thresholds it; ownership mode reads the owner map instead. It accumulates the area, the
@@ -13,10 +15,10 @@ decorated). Three kernels, none of which writes a float mask at image size:
    and crops (RLE on the GPU is not worth it: the counts are a sequential scan of a few hundred
    transitions per mask). Queries vary fastest in the grid, so the K programs of one row block run
    together and share its rows of the owner map through L2 (ownership mode reads it once per query).
-2. `_owner_kernel`, grid (row tiles, column tiles): predict_all_pixels ownership over all Q queries
-   (argmax of score · prob, ties to the lowest q), writing the owner [H, W] int32 and its prob [H, W] fp32.
-3. `_semantic_argmax_kernel`, grid (row tiles, column tiles): the argmax over C of the bilinear
-   interpolation of the stride-4 class maps [C, h, w] (computed by one torch GEMM before the launch).
+2. `_owner_kernel`, row tiles x column tiles (row tiles fastest): predict_all_pixels ownership over all Q
+   queries (argmax of score · prob, ties to the lowest q), writing the owner [H, W] int32 and its prob.
+3. `_semantic_argmax_kernel`, the same tiles: the argmax over C of the bilinear interpolation of the
+   stride-4 class maps [C, h, w] (computed by one torch GEMM before the launch).
 
 At the real shape (640², 20 kept queries, h = w = 160) kernel 1 reads about 20 · 160² logits (cached:
 each is read by ~16 output pixels) and writes 20 · 640 · 80 bytes of bits, instead of the reference's
@@ -24,19 +26,19 @@ each is read by ~16 output pixels) and writes 20 · 640 · 80 bytes of bits, ins
 """
 from __future__ import annotations
 
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from . import dispatch
-from .launch import Launch
+from .. import dispatch
+from ..launch import TRITON_DTYPE_NAMES, Launch, fp32_ratio, run_launches
+from .bits import bits_row_bytes, host_outputs_from_bits
+from .limits import TRITON_DTYPES, TRITON_STATS_ROWS, check_inputs, check_semantic_inputs
+from .reference import MaskStats, to_device
 
 INTERPRETED = dispatch.interpreter_requested()  # read once, when the kernels below are decorated
-TL_DTYPES = {torch.float16: "fp16", torch.float32: "fp32"}
 
-STATS_BLOCK_H = 4  # rows per program: 640 / 4 = 160 programs per query, 3200 for 20 queries (40 SMs on a T4)
+STATS_BLOCK_H = TRITON_STATS_ROWS  # rows per program: 640 / 4 = 160 programs per query, 3200 for 20 queries
 STATS_BLOCK_W = 128  # columns per step (a multiple of 32: whole 32-bit words of the bit mask)
 TILE_H, TILE_W = 8, 64  # output tile of the owner and semantic kernels (512 pixels, 4 per thread of 4 warps)
 
@@ -83,6 +85,20 @@ def _bilinear_prob(base, y0, y1, ly0, ly1, x0, x1, lx0, lx1, stride_y, stride_x,
 
 
 @triton.jit
+def _output_tile(h, w, H, W, scale_h, scale_w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """This program's [BLOCK_H, BLOCK_W] tile of the output (1-D grid, row tiles fastest): its rows and
+    columns, the in-image mask, and the bilinear taps of both (`_linear_taps`)."""
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(H, BLOCK_H)
+    ys = (pid % row_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+    xs = (pid // row_tiles) * BLOCK_W + tl.arange(0, BLOCK_W)
+    ok = (ys < H)[:, None] & (xs < W)[None, :]
+    y0, y1, ly0, ly1 = _linear_taps(ys, h, H, scale_h)
+    x0, x1, lx0, lx1 = _linear_taps(xs, w, W, scale_w)
+    return ys, xs, ok, y0, y1, ly0, ly1, x0, x1, lx0, lx1
+
+
+@triton.jit
 def _mask_stats_kernel(
     logits_ptr,  # [K, h, w] fp16/fp32 via (stride_lq, stride_ly, stride_lx); threshold mode only
     owner_ptr,  # [H, W] int32 contiguous: the owner query of each pixel; ownership mode only
@@ -92,7 +108,7 @@ def _mask_stats_kernel(
     part_sum_ptr,  # [K, n_blocks] fp32: prob sum inside the mask per (query, row block)
     part_box_ptr,  # [K, n_blocks, 4] int32: x1, y1, x2, y2 per (query, row block); (W, H, -1, -1) if empty
     bits_ptr,  # [K, H, row_bytes] uint8: bit mask, bit b of byte j = column 8 j + b; written if WRITE_BITS
-    h, w, H, W, n_blocks, row_bytes,
+    K, h, w, H, W, n_blocks, row_bytes,
     scale_h, scale_w,  # fp32 h / H and w / W
     thr,  # fp32 mask threshold (threshold mode)
     stride_lq, stride_ly, stride_lx,
@@ -101,8 +117,9 @@ def _mask_stats_kernel(
     STRICT: tl.constexpr,  # threshold mode: prob > thr instead of prob >= thr
     WRITE_BITS: tl.constexpr,
 ):
-    k = tl.program_id(0)
-    block = tl.program_id(1)
+    pid = tl.program_id(0)  # K * n_blocks programs, queries fastest
+    k = pid % K
+    block = pid // K
     ys = block * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = ys < H
     y0, y1, ly0, ly1 = _linear_taps(ys, h, H, scale_h)
@@ -166,11 +183,7 @@ def _owner_kernel(
     stride_lq, stride_ly, stride_lx,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    ys = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    xs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    ok = (ys < H)[:, None] & (xs < W)[None, :]
-    y0, y1, ly0, ly1 = _linear_taps(ys, h, H, scale_h)
-    x0, x1, lx0, lx1 = _linear_taps(xs, w, W, scale_w)
+    ys, xs, ok, y0, y1, ly0, ly1, x0, x1, lx0, lx1 = _output_tile(h, w, H, W, scale_h, scale_w, BLOCK_H, BLOCK_W)
     best = tl.full([BLOCK_H, BLOCK_W], float("-inf"), dtype=tl.float32)
     owner = tl.full([BLOCK_H, BLOCK_W], Q, dtype=tl.int32)
     owner_prob = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
@@ -196,11 +209,7 @@ def _semantic_argmax_kernel(
     scale_h, scale_w,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    ys = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    xs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    ok = (ys < H)[:, None] & (xs < W)[None, :]
-    y0, y1, ly0, ly1 = _linear_taps(ys, h, H, scale_h)
-    x0, x1, lx0, lx1 = _linear_taps(xs, w, W, scale_w)
+    ys, xs, ok, y0, y1, ly0, ly1, x0, x1, lx0, lx1 = _output_tile(h, w, H, W, scale_h, scale_w, BLOCK_H, BLOCK_W)
     best = tl.full([BLOCK_H, BLOCK_W], float("-inf"), dtype=tl.float32)
     label = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.int32)
     for c in range(0, C):
@@ -215,23 +224,19 @@ def _semantic_argmax_kernel(
 # Launchers
 
 
-def fp32_scale(in_size: int, out_size: int) -> float:
-    """PyTorch's (float)in / out, as the Python float holding that fp32 value."""
-    return float(np.float32(in_size) / np.float32(out_size))
-
-
-def check_triton_inputs(mask_logits: torch.Tensor, op: str = "mask_postprocess[triton]") -> None:
-    if mask_logits.dtype not in TL_DTYPES:
-        raise ValueError(f"{op}: mask_logits dtype {mask_logits.dtype} not supported (float16, float32)")
+def check_triton_inputs(mask_logits: torch.Tensor, op: str) -> None:
+    if mask_logits.dtype not in TRITON_DTYPES:
+        raise ValueError(f"{op}[triton]: mask_logits {dispatch.dtype_reason(mask_logits.dtype, TRITON_DTYPES)}")
     if mask_logits.device.type == "cpu" and not INTERPRETED:
-        raise ValueError(f"{op}: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)")
+        raise ValueError(f"{op}[triton]: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)")
 
 
 def plan_stats(logits: torch.Tensor | None, size: tuple[int, int], thr: float, strict: bool, want_bits: bool,
                owner: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                device: torch.device | None = None) -> tuple[Launch, dict[str, torch.Tensor]]:
-    """The stats launch and its output buffers. Threshold mode: logits [K, h, w]. Ownership mode:
-    owner = (owner map [H, W] int32, owner prob [H, W] fp32, queries [K] int32), logits unused."""
+    """The stats launch (1-D grid of K x row blocks, any height) and its output buffers. Threshold mode:
+    logits [K, h, w]. Ownership mode: owner = (owner map [H, W] int32, owner prob [H, W] fp32, queries [K]
+    int32), logits unused."""
     height, width = size
     device = device or (logits.device if logits is not None else owner[0].device)
     if owner is None:
@@ -245,7 +250,7 @@ def plan_stats(logits: torch.Tensor | None, size: tuple[int, int], thr: float, s
         num, h, w, strides = queries.numel(), 1, 1, (0, 0, 0)
         logits = torch.empty(1, 1, 1, dtype=torch.float32, device=device)
     n_blocks = triton.cdiv(height, STATS_BLOCK_H)
-    row_bytes = 4 * triton.cdiv(width, 32)
+    row_bytes = bits_row_bytes(width)
     buffers = {
         "area": torch.empty(num, n_blocks, dtype=torch.int32, device=device),
         "sum": torch.empty(num, n_blocks, dtype=torch.float32, device=device),
@@ -253,15 +258,19 @@ def plan_stats(logits: torch.Tensor | None, size: tuple[int, int], thr: float, s
         "bits": torch.empty(num if want_bits else 1, height if want_bits else 1, row_bytes if want_bits else 1,
                             dtype=torch.uint8, device=device),
     }
-    launch = Launch(_mask_stats_kernel, (num, n_blocks), dict(
+    launch = Launch(_mask_stats_kernel, (num * n_blocks,), dict(
         logits_ptr=logits, owner_ptr=owner_map, owner_prob_ptr=owner_prob, queries_ptr=queries,
         part_area_ptr=buffers["area"], part_sum_ptr=buffers["sum"], part_box_ptr=buffers["box"],
-        bits_ptr=buffers["bits"], h=h, w=w, H=height, W=width, n_blocks=n_blocks, row_bytes=row_bytes,
-        scale_h=fp32_scale(h, height), scale_w=fp32_scale(w, width), thr=float(thr),
+        bits_ptr=buffers["bits"], K=num, h=h, w=w, H=height, W=width, n_blocks=n_blocks, row_bytes=row_bytes,
+        scale_h=fp32_ratio(h, height), scale_w=fp32_ratio(w, width), thr=float(thr),
         stride_lq=strides[0], stride_ly=strides[1], stride_lx=strides[2],
         BLOCK_H=STATS_BLOCK_H, BLOCK_W=STATS_BLOCK_W, OWNER=owner is not None, STRICT=bool(strict),
         WRITE_BITS=bool(want_bits)), num_warps=4)
     return launch, buffers
+
+
+def _tiles(height: int, width: int) -> tuple[int]:
+    return (triton.cdiv(height, TILE_H) * triton.cdiv(width, TILE_W),)
 
 
 def plan_owner(logits: torch.Tensor, scores: torch.Tensor, size: tuple[int, int]) -> tuple[Launch, torch.Tensor, torch.Tensor]:
@@ -269,9 +278,9 @@ def plan_owner(logits: torch.Tensor, scores: torch.Tensor, size: tuple[int, int]
     num, h, w = logits.shape
     owner = torch.empty(height, width, dtype=torch.int32, device=logits.device)
     owner_prob = torch.empty(height, width, dtype=torch.float32, device=logits.device)
-    launch = Launch(_owner_kernel, (triton.cdiv(height, TILE_H), triton.cdiv(width, TILE_W)), dict(
+    launch = Launch(_owner_kernel, _tiles(height, width), dict(
         logits_ptr=logits, scores_ptr=scores.float().contiguous(), owner_ptr=owner, owner_prob_ptr=owner_prob,
-        Q=num, h=h, w=w, H=height, W=width, scale_h=fp32_scale(h, height), scale_w=fp32_scale(w, width),
+        Q=num, h=h, w=w, H=height, W=width, scale_h=fp32_ratio(h, height), scale_w=fp32_ratio(w, width),
         stride_lq=logits.stride(0), stride_ly=logits.stride(1), stride_lx=logits.stride(2),
         BLOCK_H=TILE_H, BLOCK_W=TILE_W), num_warps=4)
     return launch, owner, owner_prob
@@ -282,20 +291,10 @@ def plan_semantic(maps: torch.Tensor, size: tuple[int, int]) -> tuple[Launch, to
     height, width = size
     num_classes, h, w = maps.shape
     labels = torch.empty(height, width, dtype=torch.int64, device=maps.device)
-    launch = Launch(_semantic_argmax_kernel, (triton.cdiv(height, TILE_H), triton.cdiv(width, TILE_W)), dict(
+    launch = Launch(_semantic_argmax_kernel, _tiles(height, width), dict(
         maps_ptr=maps, labels_ptr=labels, C=num_classes, h=h, w=w, H=height, W=width,
-        scale_h=fp32_scale(h, height), scale_w=fp32_scale(w, width), BLOCK_H=TILE_H, BLOCK_W=TILE_W), num_warps=4)
+        scale_h=fp32_ratio(h, height), scale_w=fp32_ratio(w, width), BLOCK_H=TILE_H, BLOCK_W=TILE_W), num_warps=4)
     return launch, labels
-
-
-def _run(launches: list[Launch], device: torch.device) -> None:
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            for launch in launches:
-                launch.run()
-    else:
-        for launch in launches:
-            launch.run()
 
 
 def reduce_partials(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -311,29 +310,29 @@ def mask_stats_triton(mask_logits: torch.Tensor, size: tuple[int, int], thr: flo
                       scores: torch.Tensor | None = None, queries: torch.Tensor | None = None, strict: bool = False,
                       want_bits: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(areas int64 [K], boxes int32 [K, 4], prob_sums fp32 [K], bit masks uint8 [K, H, row_bytes] or None),
-    all on mask_logits' device; see `mf_kernels.mask_postprocess` for the modes."""
-    check_triton_inputs(mask_logits)
+    all on mask_logits' device; see `mf_kernels.postprocess.reference` for the modes."""
+    check_triton_inputs(mask_logits, "mask_postprocess")
     device = mask_logits.device
     if scores is None:
-        logits = mask_logits if queries is None else mask_logits[queries.to(device)]
+        logits = mask_logits if queries is None else mask_logits[to_device(queries, device)]
         if logits.shape[0] == 0:
             return _empty_stats(size, device, want_bits)
         launch, buffers = plan_stats(logits, size, thr, strict, want_bits)
-        _run([launch], device)
+        run_launches([launch])
     else:
-        ids = torch.arange(mask_logits.shape[0], device=device) if queries is None else queries.to(device)
+        ids = torch.arange(mask_logits.shape[0], device=device) if queries is None else to_device(queries, device)
         if ids.numel() == 0:
             return _empty_stats(size, device, want_bits)
         owner_launch, owner, owner_prob = plan_owner(mask_logits, scores, size)
         launch, buffers = plan_stats(None, size, thr, False, want_bits,
                                      owner=(owner, owner_prob, ids.to(torch.int32)), device=device)
-        _run([owner_launch, launch], device)
+        run_launches([owner_launch, launch])
     areas, boxes, sums = reduce_partials(buffers)
     return areas, boxes, sums, buffers["bits"] if want_bits else None
 
 
 def _empty_stats(size: tuple[int, int], device: torch.device, want_bits: bool):
-    bits = torch.zeros(0, size[0], 4 * triton.cdiv(size[1], 32), dtype=torch.uint8, device=device)
+    bits = torch.zeros(0, size[0], bits_row_bytes(size[1]), dtype=torch.uint8, device=device)
     return (torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, 4, dtype=torch.int32, device=device),
             torch.zeros(0, dtype=torch.float32, device=device), bits if want_bits else None)
 
@@ -345,11 +344,28 @@ def class_maps(mask_logits: torch.Tensor, class_probs: torch.Tensor) -> torch.Te
     return (class_probs.float().t() @ probs).reshape(-1, h, w).contiguous()
 
 
-def semantic_label_map_triton(mask_logits: torch.Tensor, class_probs: torch.Tensor,
-                              size: tuple[int, int]) -> torch.Tensor:
-    check_triton_inputs(mask_logits, "semantic_label_map[triton]")
+# ----------------------------------------------------------------------------------------------------
+# The backend entry points the registration calls
+
+
+def mask_postprocess_triton(mask_logits: torch.Tensor, image_size, mask_threshold: float = 0.5, *,
+                            scores: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+                            strict: bool = False, rle: bool = False, crops: bool = False) -> MaskStats:
+    """`mask_postprocess` with the Triton kernels: stats and bit masks on the device, counts and crops on
+    the host from one copy of the bits."""
+    size = check_inputs(mask_logits, image_size, scores, queries)
+    areas, boxes, prob_sums, bits = mask_stats_triton(mask_logits, size, mask_threshold, scores=scores,
+                                                      queries=queries, strict=strict, want_bits=rle or crops)
+    counts, crop_list = host_outputs_from_bits(bits, boxes, size[1], rle, crops)
+    return MaskStats(areas, boxes, prob_sums, counts, crop_list, size)
+
+
+def semantic_label_map_triton(mask_logits: torch.Tensor, class_probs: torch.Tensor, image_size) -> torch.Tensor:
+    """`semantic_label_map`: class maps by one torch GEMM at stride 4, then the Triton C-way bilinear argmax."""
+    size = check_semantic_inputs(mask_logits, class_probs, image_size)
+    check_triton_inputs(mask_logits, "semantic_label_map")
     launch, labels = plan_semantic(class_maps(mask_logits, class_probs), size)
-    _run([launch], mask_logits.device)
+    run_launches([launch])
     return labels
 
 
@@ -358,12 +374,12 @@ def semantic_label_map_triton(mask_logits: torch.Tensor, class_probs: torch.Tens
 
 
 def aot_specs(arch: int) -> list:
-    """The launches at the real shapes (`mf_kernels.mask_postprocess.POSTPROCESS_SHAPES`): threshold-mode
-    stats (fp16/fp32 logits; with bits; without bits, >= and > thresholds), ownership (owner kernel
-    fp16/fp32, stats from the owner map with and without bits) and the semantic argmax. The configs do
-    not depend on the architecture. Inputs are small CPU tensors: only dtypes, strides and alignment count."""
-    from .aot import AotSpec, spec_from_launch
-    from .mask_postprocess import POSTPROCESS_SHAPES
+    """The launches at the real shapes (`mf_kernels.shapes.POSTPROCESS_SHAPES`): threshold-mode stats
+    (fp16/fp32 logits; with bits; without bits, >= and > thresholds), ownership (owner kernel fp16/fp32,
+    stats from the owner map with and without bits) and the semantic argmax. The configs do not depend on
+    the architecture. Inputs are small CPU tensors: only dtypes, strides and alignment count."""
+    from ..aot import AotSpec, spec_from_launch
+    from ..shapes import POSTPROCESS_SHAPES
 
     specs: dict[tuple, AotSpec] = {}
 
@@ -374,7 +390,7 @@ def aot_specs(arch: int) -> list:
     for shape in POSTPROCESS_SHAPES:
         size = (shape.height, shape.width)
         h, w = shape.logits_hw
-        for dtype, name in TL_DTYPES.items():
+        for dtype, name in TRITON_DTYPE_NAMES.items():
             kept = torch.empty(shape.kept, h, w, dtype=dtype)
             for strict, bits in ((False, True), (False, False), (True, False)):
                 add(plan_stats(kept, size, 0.5, strict, bits)[0], name)
