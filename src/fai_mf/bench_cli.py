@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .engine import write_atomic
+
 
 def run_fps(args: argparse.Namespace) -> int:
     from .profile import format_table, plot, profile
@@ -15,7 +17,7 @@ def run_fps(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_atomic(Path(args.json), [json.dumps(report, indent=2)])
         print(f"wrote {args.json}")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +34,7 @@ def run_roofline(args: argparse.Namespace) -> int:
                             dtype=args.dtype)
     print(format_model_roofline(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_atomic(Path(args.json), [json.dumps(report, indent=2)])
         print(f"wrote {args.json}")
     return 0
 
