@@ -274,6 +274,8 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     ("bad MF_KERNELS", "$MF_KERNELS='bogus' is not a kernels choice"),
     ("coco with png masks", "--format coco writes RLE segmentations"),
     ("resume without out", "--resume needs --out"),
+    ("coco without out", "--format coco needs --out"),
+    ("annotate-dir is a file", "exists and is not a directory"),
 ])
 def test_cli_errors_are_one_line_before_any_work(case, message, model_dir, image, tmp_path, capsys, monkeypatch):
     if case == "cuda without CUDA" and torch.cuda.is_available():
@@ -288,7 +290,9 @@ def test_cli_errors_are_one_line_before_any_work(case, message, model_dir, image
             "cuda without CUDA": ["--device", "cuda"],
             "bad MF_KERNELS": [],
             "coco with png masks": ["--format", "coco", "--mask-format", "png", "--out", str(out)],
-            "resume without out": ["--resume"]}[case]
+            "resume without out": ["--resume"],
+            "coco without out": ["--format", "coco"],
+            "annotate-dir is a file": ["--out", str(out), "--annotate-dir", image]}[case]
     (tmp_path / "OUTDIR").mkdir()
     if case == "bad MF_KERNELS":
         monkeypatch.setenv("MF_KERNELS", "bogus")
@@ -304,12 +308,24 @@ def test_cli_errors_are_one_line_before_any_work(case, message, model_dir, image
     assert not out.exists()  # nothing was written
 
 
-def test_verbose_shows_the_traceback_and_usage_errors_exit_2(model_dir, tmp_path, capsys):
+def test_verbose_shows_the_traceback(model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="input not found"):
         cli.main(["predict", "--model", str(model_dir), str(tmp_path / "nope.png"), "-v"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--model", "m", "x.png", "--threshold", "nan"], "--threshold: expected a finite number in [0, 1]"),
+    (["predict", "--model", "m", "x.png", "--mask-threshold", "-1"], "--mask-threshold: expected a finite number"),
+    (["predict", "--model", "m", "x.png", "--batch", "0"], "--batch: expected an integer >= 1, got '0'"),
+    (["predict", "--model", "m", "x.png", "--workers", "two"], "--workers: expected an integer, got 'two'"),
+    (["eval", "--model", "m", "--data", "d", "--size", "0"], "--size: expected an integer >= 1"),
+    (["bench", "fps", "--resolution", "0"], "--resolution: expected an integer >= 1, got '0'"),
+    (["bench", "fps", "--iters", "0"], "--iters: expected an integer >= 1, got '0'"),
+])
+def test_usage_errors_exit_2_naming_the_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["predict", "--model", str(model_dir), "x.png", "--threshold", "nan"])
-    assert exit_info.value.code == 2 and "--threshold: expected a finite number in [0, 1]" in capsys.readouterr().err
+        cli.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_eval_errors_are_one_line(model_dir, tmp_path, capsys):

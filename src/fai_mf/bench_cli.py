@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_support import non_negative_int, positive_int
 from .engine import write_atomic
 
 
@@ -46,12 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fps = sub.add_parser("fps", help="end-to-end FPS, per-stage times, reference vs fused kernels")
     fps.add_argument("--model", default="fai-mf-s-coco-ins", help="zoo name, focoos model dir or model_info.json")
     fps.add_argument("--weights", default=None)
-    fps.add_argument("--resolution", type=int, default=640)
-    fps.add_argument("--batch", type=int, default=1)
+    fps.add_argument("--resolution", type=positive_int, default=640)
+    fps.add_argument("--batch", type=positive_int, default=1)
     fps.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     fps.add_argument("--kernels", default="auto", help="auto|reference|triton|cpp|cuda|sdpa (compared with reference)")
-    fps.add_argument("--iters", type=int, default=10)
-    fps.add_argument("--warmup", type=int, default=2)
+    fps.add_argument("--iters", type=positive_int, default=10)
+    fps.add_argument("--warmup", type=non_negative_int, default=2)
     fps.add_argument("--cuda-graphs", action="store_true", help="replay the model as a CUDA graph (CUDA only)")
     fps.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     fps.add_argument("--no-compare", action="store_true", help="skip the reference run and the agreement check")
@@ -61,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     roof = sub.add_parser("roofline", help="bytes, FLOPs and T4 floor of every kernel at a zoo model's shapes")
     roof.add_argument("--model", default="fai-mf-s-coco-ins")
-    roof.add_argument("--resolution", type=int, default=640)
+    roof.add_argument("--resolution", type=positive_int, default=640)
     roof.add_argument("--device", default="t4", help="the roofline device (t4)")
     roof.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="precision the T4 would run")
     roof.add_argument("--no-measure", action="store_true", help="do not time kernels even where a GPU is present")

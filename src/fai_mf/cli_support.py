@@ -123,14 +123,17 @@ def check_output_file(path: str | os.PathLike | None, flag: str) -> Path | None:
     return path
 
 
-def prepare_output_dir(path: str | os.PathLike | None, flag: str) -> Path | None:
-    """An output folder, created when missing."""
+def check_output_dir(path: str | os.PathLike | None, flag: str) -> Path | None:
+    """An output folder: a directory, or a missing one whose nearest existing parent is a writable
+    directory (the caller creates it when the work starts)."""
     if path is None:
         return None
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{flag} {path} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    parent = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PermissionError(f"{flag} {path}: cannot create it in {parent}")
     return path
 
 

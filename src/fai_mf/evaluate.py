@@ -97,10 +97,10 @@ def _quiet() -> contextlib.AbstractContextManager:
 
 @dataclass
 class EvalRun:
-    """How `evaluate` runs: `batch` images of one size per forward, `workers` decoding processes (None:
-    `fai_mf.engine.default_workers`),
-    `sharded` over the torchrun processes (every process must call; metrics come back on rank 0 only,
-    None elsewhere), `progress` a label for progress reporting (None: silent)."""
+    """How `evaluate` runs: `batch` images of one size per forward; `workers` decoding processes (None:
+    `fai_mf.engine.default_workers`); `sharded` over the torchrun processes (every process must call;
+    the metrics come back on rank 0, None elsewhere); `progress` a label to report progress under (None:
+    silent), a line every `log_interval` seconds when stderr is not a terminal."""
 
     batch: int = 1
     workers: int | None = 0
@@ -109,21 +109,19 @@ class EvalRun:
     log_interval: float = 30.0
 
 
-def _my_share(entries: list[Entry], run: EvalRun) -> list[Entry]:
-    return entries[distributed.rank()::distributed.world_size()] if run.sharded else entries
-
-
 def _run_images(entries: list[Entry], process: Any, run: EvalRun, load: Any = load_image) -> Iterator[tuple[int, Any, Any]]:
-    """(index in `entries`, decoded item, result) for this process's share of `entries`, in order; a
-    failed image has result None and `item.error` set."""
-    index = {e.key: k for k, e in enumerate(entries)}
-    mine = _my_share(entries, run)
-    progress = Progress(len(mine), run.progress or "eval", enabled=run.progress is not None and distributed.is_main_process(),
-                        interval=run.log_interval)
+    """(index in `entries`, decoded item, result) for this process's share of `entries` (every
+    world-size-th image when sharded), in order; a failed image has result None and `item.error` set."""
+    indices = list(range(len(entries)))
+    if run.sharded:
+        indices = indices[distributed.rank()::distributed.world_size()]
+    progress = Progress(len(indices), run.progress or "eval", interval=run.log_interval,
+                        enabled=run.progress is not None and distributed.is_main_process())
     try:
-        for item, result in iterate(mine, process, batch=run.batch, workers=run.workers, load=load):
+        for item, result in iterate([entries[i] for i in indices], process, batch=run.batch, workers=run.workers,
+                                    load=load):
             progress.update(failed=item.error is not None)
-            yield index[item.entry.key], item, result
+            yield indices[item.position], item, result
     finally:
         progress.close()
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from . import distributed
-from .cli_support import (EXIT_FAILED_IMAGES, add_runtime_arguments, check_kernels, check_output_file, kernels_report, prepare_output_dir, probability, resolve_device, resolve_dtype,
+from .cli_support import (EXIT_FAILED_IMAGES, add_runtime_arguments, check_kernels, check_output_dir,
+                          check_output_file, kernels_report, probability, resolve_device, resolve_dtype,
                           start_distributed)
 from .engine import MAX_LISTED_FAILURES, Progress, RunStats, ShardedOutput, is_failure, write_atomic
 from .sources import Entry, InputSet, resolve_inputs
@@ -75,7 +76,8 @@ def _category_ids(inputs: InputSet, num_classes: int) -> list[int] | None:
 # ---- annotated images -------------------------------------------------------------------------
 class _Annotator:
     """Writes annotated PNGs: --annotate FILE (STEM_<k>.png for the k-th of several images) or
-    --annotate-dir DIR (each image's `Entry.name`: its path below its input folder, as .png)."""
+    --annotate-dir DIR (each image's `Entry.name`: its path below its input folder, as .png; folders
+    are made as needed)."""
 
     def __init__(self, file: Path | None, directory: Path | None, entries: list[Entry]):
         self.file, self.directory = file, directory
@@ -137,22 +139,38 @@ def _summarise(stats: RunStats, records: list[dict[str, Any]] | None, skipped: i
     return int(distributed.broadcast_object(status))
 
 
-def run(args: argparse.Namespace) -> int:
-    from .io import load_model
-    from .predict import check_options, predict_iter
+@dataclasses.dataclass
+class _Outputs:
+    out: Path | None  # the requested output (None: JSON Lines on stdout)
+    records: Path | None  # the JSON Lines records: `out` itself, or next to a COCO file
+    mask_format: str
+    annotate_file: Path | None
+    annotate_dir: Path | None
 
-    # Everything that can be wrong with the arguments fails here, before any work.
+
+def _check_outputs(args: argparse.Namespace) -> _Outputs:
+    """Every output path and output option, checked before any work."""
     out = check_output_file(args.out, "--out")
-    annotate_file = check_output_file(args.annotate, "--annotate")
-    annotate_dir = prepare_output_dir(args.annotate_dir, "--annotate-dir")
     mask_format = args.mask_format or ("rle" if args.format == "coco" else "png")
     if args.format == "coco" and mask_format != "rle":
         raise ValueError("--format coco writes RLE segmentations: drop --mask-format png")
     if args.resume and out is None:
         raise ValueError("--resume needs --out (it continues that output)")
-    records_path = out.with_suffix(".records.jsonl") if out is not None and args.format == "coco" else out
-    if records_path is not None:
-        check_output_file(records_path, "--out records")
+    if args.format == "coco" and out is None:
+        raise ValueError("--format coco needs --out (the COCO file is written when the run is complete)")
+    records = out.with_suffix(".records.jsonl") if out is not None and args.format == "coco" else out
+    check_output_file(records, "--out records")
+    return _Outputs(out, records, mask_format, check_output_file(args.annotate, "--annotate"),
+                    check_output_dir(args.annotate_dir, "--annotate-dir"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .io import load_model
+    from .predict import check_options, predict_iter
+
+    # Everything that can be wrong with the arguments fails here, before any work.
+    outputs = _check_outputs(args)
+    out, records_path, mask_format = outputs.out, outputs.records, outputs.mask_format
     check_options(args.threshold, args.mask_threshold, mask_format=mask_format)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -169,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, weights=args.weights, device=device, kernels=kernels)
     model.model.to(dtype)
     category_ids = _category_ids(inputs, model.config.num_classes)
-    annotator = _Annotator(annotate_file, annotate_dir, inputs.entries)
+    annotator = _Annotator(outputs.annotate_file, outputs.annotate_dir, inputs.entries)
 
     output = ShardedOutput(records_path, args.resume, device) if records_path is not None else None
     mine = output.start(inputs.entries) if output is not None else inputs.entries
