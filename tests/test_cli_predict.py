@@ -276,6 +276,7 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     ("resume without out", "--resume needs --out"),
     ("coco without out", "--format coco needs --out"),
     ("annotate-dir is a file", "exists and is not a directory"),
+    ("weights is a directory", "--weights OUTDIR is a directory; give its model_final.pth"),
 ])
 def test_cli_errors_are_one_line_before_any_work(case, message, model_dir, image, tmp_path, capsys, monkeypatch):
     if case == "cuda without CUDA" and torch.cuda.is_available():
@@ -292,7 +293,8 @@ def test_cli_errors_are_one_line_before_any_work(case, message, model_dir, image
             "coco with png masks": ["--format", "coco", "--mask-format", "png", "--out", str(out)],
             "resume without out": ["--resume"],
             "coco without out": ["--format", "coco"],
-            "annotate-dir is a file": ["--out", str(out), "--annotate-dir", image]}[case]
+            "annotate-dir is a file": ["--out", str(out), "--annotate-dir", image],
+            "weights is a directory": ["--weights", str(tmp_path / "OUTDIR")]}[case]
     (tmp_path / "OUTDIR").mkdir()
     if case == "bad MF_KERNELS":
         monkeypatch.setenv("MF_KERNELS", "bogus")

@@ -35,7 +35,7 @@ def test_resolve_inputs_of_every_kind(tmp_path):
     assert found.category_ids == [1, 3]
     coco_only = resolve_inputs(coco, image_root=root / "sub")
     assert [(e.key, e.image_id) for e in coco_only.entries] == [(a, 5)]
-    memory = resolve_inputs([torch.zeros(2, 3, 4, 4), torch.zeros(3, 5, 5)])
+    memory = resolve_inputs(iter([torch.zeros(2, 3, 4, 4), torch.zeros(3, 5, 5)]))
     assert [e.key for e in memory.entries] == ["#0", "#1", "#2"] and memory.entries[2].item.shape == (3, 5, 5)
 
 

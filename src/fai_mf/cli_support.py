@@ -95,8 +95,10 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype -> torch dtype; fp32, fp16 and bf16 run on CPU, bf16 on CUDA needs native support (sm_80+)."""
     dtype = DTYPES[name]
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    cuda = device.type == "cuda"
+    if dtype == torch.bfloat16 and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"--dtype bf16: {torch.cuda.get_device_name(device)} (sm_{major}{minor}) has no native "
                          "bf16; use --dtype fp16")
@@ -106,6 +108,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def check_kernels(kernels: str | None) -> str:
     """The backend choice in force: --kernels, else $MF_KERNELS (a bad value is an error naming it)."""
     return mf_kernels.dispatch.validate_choice(kernels) if kernels is not None else mf_kernels.current_choice()
+
+
+def check_weights(path: str | os.PathLike | None) -> None:
+    """--weights names a checkpoint file (a model directory goes to --model)."""
+    if path is not None and Path(path).is_dir():
+        raise IsADirectoryError(f"--weights {path} is a directory; give its model_final.pth, or pass the "
+                                "directory as --model")
 
 
 def check_output_file(path: str | os.PathLike | None, flag: str) -> Path | None:

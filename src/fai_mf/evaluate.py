@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .cli_support import (EXIT_FAILED_IMAGES, add_runtime_arguments, check_kernels, check_output_file, kernels_report,
-                          positive_int, resolve_device, resolve_dtype, start_distributed)
+from .cli_support import (EXIT_FAILED_IMAGES, add_runtime_arguments, check_kernels, check_output_file,
+                          check_weights, kernels_report, positive_int, resolve_device, resolve_dtype,
+                          start_distributed)
 from .data import IGNORE_LABEL, CocoInstanceDataset, SemanticSegDataset, load_dataset
 from .engine import Progress, iterate, load_image, write_atomic
 from .io import FAIMFModel
@@ -83,7 +84,8 @@ def batch_fused_semantic_label_maps(model: FAIMFModel, images: list[torch.Tensor
         raw = net.forward_raw(x)
         class_probs = net.class_probs(raw.class_logits.float())
         size = tuple(images[0].shape[-2:])
-        return [mf_kernels.semantic_label_map(raw.mask_logits[b], class_probs[b], size).cpu() for b in range(len(images))]
+        return [mf_kernels.semantic_label_map(raw.mask_logits[b], class_probs[b], size).cpu()
+                for b in range(len(images))]
 
 
 def fused_semantic_label_map(model: FAIMFModel, image: torch.Tensor) -> torch.Tensor:
@@ -109,7 +111,8 @@ class EvalRun:
     log_interval: float = 30.0
 
 
-def _run_images(entries: list[Entry], process: Any, run: EvalRun, load: Any = load_image) -> Iterator[tuple[int, Any, Any]]:
+def _run_images(entries: list[Entry], process: Any, run: EvalRun,
+                load: Any = load_image) -> Iterator[tuple[int, Any, Any]]:
     """(index in `entries`, decoded item, result) for this process's share of `entries` (every
     world-size-th image when sharded), in order; a failed image has result None and `item.error` set."""
     indices = list(range(len(entries)))
@@ -313,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
     for data in args.data:
         if not Path(data).exists():
             raise FileNotFoundError(f"--data {data}: no such file or folder")
+    check_weights(args.weights)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     kernels = check_kernels(args.kernels)

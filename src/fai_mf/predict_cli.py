@@ -29,8 +29,8 @@ import torch
 
 from . import distributed
 from .cli_support import (EXIT_FAILED_IMAGES, add_runtime_arguments, check_kernels, check_output_dir,
-                          check_output_file, kernels_report, probability, resolve_device, resolve_dtype,
-                          start_distributed)
+                          check_output_file, check_weights, kernels_report, probability, resolve_device,
+                          resolve_dtype, start_distributed)
 from .engine import MAX_LISTED_FAILURES, Progress, RunStats, ShardedOutput, is_failure, write_atomic
 from .sources import Entry, InputSet, resolve_inputs
 
@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the arguments fails here, before any work.
     outputs = _check_outputs(args)
     out, records_path, mask_format = outputs.out, outputs.records, outputs.mask_format
+    check_weights(args.weights)
     check_options(args.threshold, args.mask_threshold, mask_format=mask_format)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -23,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -78,7 +78,9 @@ def _images_below(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and is_image_file(p))
 
 
-def _coco_images(path: Path, image_root: str | os.PathLike | None) -> tuple[list[tuple[Path, int, str]], list[int] | None]:
+def _coco_images(path: Path, image_root: str | os.PathLike | None
+                 ) -> tuple[list[tuple[Path, int, str]], list[int] | None]:
+    """A COCO file's (image path, image id, file_name) in file order, and its sorted category ids."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -174,12 +176,13 @@ def _add_input(collector: _Collector, source: str | os.PathLike, image_root: str
 
 
 def resolve_inputs(sources: Any, image_root: str | os.PathLike | None = None) -> InputSet:
-    """One input or a list of them (see the module docstring) -> the run's `InputSet`, in order.
+    """One input, or a list / tuple / iterator of them (see the module docstring) -> the run's
+    `InputSet`, in order.
 
     A [B, 3, H, W] tensor counts as B images. Raises `InputError` for a command-line input that names
     nothing, ValueError for a malformed COCO file.
     """
-    items: Iterable[Any] = sources if isinstance(sources, (list, tuple)) else [sources]
+    items: Iterable[Any] = sources if isinstance(sources, (list, tuple, Iterator)) else [sources]
     collector = _Collector()
     for source in items:
         if isinstance(source, (str, os.PathLike)):
