@@ -17,17 +17,13 @@ from typing import Iterator
 
 import mf_kernels
 
+from .io import CheckpointError
+
 # module -> it defines `register(subparsers)` adding one or more subcommands
 _SUBCOMMAND_MODULES = ["fai_mf.demo", "fai_mf.predict_cli", "fai_mf.data", "fai_mf.train", "fai_mf.evaluate",
                        "fai_mf.bench_cli"]
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (OSError, ValueError, mf_kernels.NotSupportedError)
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from .io import CheckpointError
-
-    return EXPECTED_ERRORS + (CheckpointError,)
+EXPECTED_ERRORS = (OSError, ValueError, CheckpointError, mf_kernels.NotSupportedError)
 
 
 def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
@@ -88,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"fai-mf {args.command}: interrupted", file=sys.stderr)
             return 130
-        except _expected_errors() as exc:
+        except EXPECTED_ERRORS as exc:
             if args.verbose:
                 raise
             print(f"fai-mf {args.command}: error: {_one_line(exc)}", file=sys.stderr)
