@@ -33,7 +33,11 @@ def torchrun(*args: str, cwd: Path, wait: bool = True):
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return process
-    output, _ = process.communicate(timeout=300)
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        _kill_job(process.pid)  # leave no hung workers behind
+        raise
     return process.returncode, output
 
 
