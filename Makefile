@@ -9,7 +9,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.8.0
 PY := $(VENV)/bin/python
-DEPS := numpy scipy pycocotools pillow matplotlib pytest pytest-benchmark ninja "setuptools>=77" wheel
+DEPS := numpy scipy pycocotools pillow matplotlib tqdm pytest pytest-benchmark ninja "setuptools>=77" wheel
 
 ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages

@@ -124,8 +124,8 @@ def test_semantic_scores_on_a_known_confusion_matrix():
 
 
 class _PerfectModel:
-    """Stands in for a FAIMFModel: `query_probs` is patched to return the ground truth (the reference
-    metrics path, which goes through `query_probs`)."""
+    """Stands in for a FAIMFModel: `batch_query_probs` is patched to return the ground truth (the
+    reference metrics path, which goes through `batch_query_probs`)."""
 
     kernels = "reference"
 
@@ -148,7 +148,7 @@ def test_perfect_predictions_score_100(synth, monkeypatch):
     inst = load_dataset(synth["val"] / "instances.json")
     sem = load_dataset(synth["val"])
 
-    def fake_query_probs(model, image, size=None):
+    def fake_query_probs(model, image):
         for ds in (inst, sem):
             for i in range(len(ds)):
                 s = ds[i]
@@ -156,7 +156,10 @@ def test_perfect_predictions_score_100(synth, monkeypatch):
                     return _ground_truth_queries(inst[i])
         raise AssertionError("unknown image")
 
-    monkeypatch.setattr(evaluate, "query_probs", fake_query_probs)
+    def fake_batch_query_probs(model, images, size=None):
+        return [fake_query_probs(model, image) for image in images]
+
+    monkeypatch.setattr(evaluate, "batch_query_probs", fake_batch_query_probs)
     metrics = evaluate.evaluate_instances(_PerfectModel(), inst)
     assert metrics["AP"] == pytest.approx(100.0) and metrics["AP50"] == pytest.approx(100.0)
     sem_metrics = evaluate.evaluate_semantic(_PerfectModel(), sem)

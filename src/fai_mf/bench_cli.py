@@ -5,6 +5,9 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_support import non_negative_int, positive_int
+from .engine import write_atomic
+
 
 def run_fps(args: argparse.Namespace) -> int:
     from .profile import format_table, plot, profile
@@ -15,7 +18,7 @@ def run_fps(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_atomic(Path(args.json), [json.dumps(report, indent=2)])
         print(f"wrote {args.json}")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +35,7 @@ def run_roofline(args: argparse.Namespace) -> int:
                             dtype=args.dtype)
     print(format_model_roofline(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_atomic(Path(args.json), [json.dumps(report, indent=2)])
         print(f"wrote {args.json}")
     return 0
 
@@ -44,12 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fps = sub.add_parser("fps", help="end-to-end FPS, per-stage times, reference vs fused kernels")
     fps.add_argument("--model", default="fai-mf-s-coco-ins", help="zoo name, focoos model dir or model_info.json")
     fps.add_argument("--weights", default=None)
-    fps.add_argument("--resolution", type=int, default=640)
-    fps.add_argument("--batch", type=int, default=1)
+    fps.add_argument("--resolution", type=positive_int, default=640)
+    fps.add_argument("--batch", type=positive_int, default=1)
     fps.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     fps.add_argument("--kernels", default="auto", help="auto|reference|triton|cpp|cuda|sdpa (compared with reference)")
-    fps.add_argument("--iters", type=int, default=10)
-    fps.add_argument("--warmup", type=int, default=2)
+    fps.add_argument("--iters", type=positive_int, default=10)
+    fps.add_argument("--warmup", type=non_negative_int, default=2)
     fps.add_argument("--cuda-graphs", action="store_true", help="replay the model as a CUDA graph (CUDA only)")
     fps.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     fps.add_argument("--no-compare", action="store_true", help="skip the reference run and the agreement check")
@@ -59,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     roof = sub.add_parser("roofline", help="bytes, FLOPs and T4 floor of every kernel at a zoo model's shapes")
     roof.add_argument("--model", default="fai-mf-s-coco-ins")
-    roof.add_argument("--resolution", type=int, default=640)
+    roof.add_argument("--resolution", type=positive_int, default=640)
     roof.add_argument("--device", default="t4", help="the roofline device (t4)")
     roof.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="precision the T4 would run")
     roof.add_argument("--no-measure", action="store_true", help="do not time kernels even where a GPU is present")

@@ -8,6 +8,12 @@ with the mask probabilities resized back), and
 - semantic datasets (folders): `postprocess.semantic_inference` -> confusion matrix over the C
   classes, ignoring label 255; IoU / accuracy per class, mIoU over classes that occur in the ground
   truth or the prediction, mAcc over classes that occur in the ground truth; in percent.
+
+Images are decoded by the engine's DataLoader (`fai_mf.engine.iterate`: `batch` same-size images per
+forward, `workers` decoding processes). Sharded (`fai-mf eval` under torchrun) every process predicts
+the images `[rank::world]`, each image exactly once; the COCO results are gathered on rank 0 in image
+order (the semantic confusion matrices are summed), and the metrics are computed once there, over the
+whole set. An image that cannot be read is left out of the metrics with a warning and counted.
 """
 from __future__ import annotations
 
@@ -18,15 +24,22 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
+from .cli_support import (EXIT_FAILED_IMAGES, add_runtime_arguments, check_kernels, check_output_file,
+                          check_weights, kernels_report, positive_int, resolve_device, resolve_dtype,
+                          start_distributed)
 from .data import IGNORE_LABEL, CocoInstanceDataset, SemanticSegDataset, load_dataset
+from .engine import Progress, iterate, load_image, write_atomic
 from .io import FAIMFModel
+from .sources import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -34,50 +47,114 @@ COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 @torch.inference_mode()
-def query_probs(model: FAIMFModel, image: torch.Tensor, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image float [3, H, W] (0..255) -> (mask_probs [Q, H, W], class_probs [Q, C]) at the image's size."""
+def batch_query_probs(model: FAIMFModel, images: list[torch.Tensor], size: int | None = None
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Images of one size, float [3, H, W] (0..255) -> per image (mask_probs [Q, H, W], class_probs [Q, C])
+    at the images' size, from one batched forward."""
     net = model.model
     net.eval()
-    h, w = image.shape[-2:]
-    x = image.unsqueeze(0).to(model.device, next(net.parameters()).dtype)
+    h, w = images[0].shape[-2:]
+    x = torch.stack(images).to(model.device, next(net.parameters()).dtype)
     if size is not None and (h, w) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     out = net(x)
-    masks = out.masks[0].float()
+    masks = out.masks.float()
     if masks.shape[-2:] != (h, w):
-        masks = F.interpolate(masks[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    return masks, out.logits[0].float()
+        masks = F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
+    logits = out.logits.float()
+    return [(masks[b], logits[b]) for b in range(len(images))]
+
+
+def query_probs(model: FAIMFModel, image: torch.Tensor, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image float [3, H, W] (0..255) -> (mask_probs [Q, H, W], class_probs [Q, C]) at the image's size."""
+    return batch_query_probs(model, [image], size)[0]
 
 
 @torch.inference_mode()
-def fused_semantic_label_map(model: FAIMFModel, image: torch.Tensor) -> torch.Tensor:
-    """The semantic label map [H, W] straight from the stride-4 logits through `mf_kernels.semantic_label_map`
-    (class maps at stride 4, C-way bilinear argmax per pixel; no [Q, H, W] probabilities), with the
-    model's kernels. Equals `postprocess.semantic_inference` on the full-size probabilities up to rounding."""
+def batch_fused_semantic_label_maps(model: FAIMFModel, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Images of one size -> their semantic label maps [H, W], straight from the stride-4 logits through
+    `mf_kernels.semantic_label_map` (class maps at stride 4, C-way bilinear argmax per pixel; no [Q, H, W]
+    probabilities), with the model's kernels. Equals `postprocess.semantic_inference` on the full-size
+    probabilities up to rounding."""
     import mf_kernels
 
     net = model.model.eval()
-    x = image.unsqueeze(0).to(model.device, next(net.parameters()).dtype)
+    x = torch.stack(images).to(model.device, next(net.parameters()).dtype)
     with mf_kernels.use(model.kernels):
         raw = net.forward_raw(x)
-        class_probs = net.class_probs(raw.class_logits.float())[0]
-        return mf_kernels.semantic_label_map(raw.mask_logits[0], class_probs, tuple(image.shape[-2:])).cpu()
+        class_probs = net.class_probs(raw.class_logits.float())
+        size = tuple(images[0].shape[-2:])
+        return [mf_kernels.semantic_label_map(raw.mask_logits[b], class_probs[b], size).cpu()
+                for b in range(len(images))]
+
+
+def fused_semantic_label_map(model: FAIMFModel, image: torch.Tensor) -> torch.Tensor:
+    """One image float [3, H, W] -> its label map [H, W] (see `batch_fused_semantic_label_maps`)."""
+    return batch_fused_semantic_label_maps(model, [image])[0]
 
 
 def _quiet() -> contextlib.AbstractContextManager:
     return contextlib.redirect_stdout(io.StringIO())  # pycocotools prints progress
 
 
+@dataclass
+class EvalRun:
+    """How `evaluate` runs: `batch` images of one size per forward; `workers` decoding processes (None:
+    `fai_mf.engine.default_workers`); `sharded` over the torchrun processes (every process must call;
+    the metrics come back on rank 0, None elsewhere); `progress` a label to report progress under (None:
+    silent), a line every `log_interval` seconds when stderr is not a terminal."""
+
+    batch: int = 1
+    workers: int | None = 0
+    sharded: bool = False
+    progress: str | None = None
+    log_interval: float = 30.0
+
+
+def _run_images(entries: list[Entry], process: Any, run: EvalRun,
+                load: Any = load_image) -> Iterator[tuple[int, Any, Any]]:
+    """(index in `entries`, decoded item, result) for this process's share of `entries` (every
+    world-size-th image when sharded), in order; a failed image has result None and `item.error` set."""
+    indices = list(range(len(entries)))
+    if run.sharded:
+        indices = indices[distributed.rank()::distributed.world_size()]
+    progress = Progress(len(indices), run.progress or "eval", interval=run.log_interval,
+                        enabled=run.progress is not None and distributed.is_main_process())
+    try:
+        for item, result in iterate([entries[i] for i in indices], process, batch=run.batch, workers=run.workers,
+                                    load=load):
+            progress.update(failed=item.error is not None)
+            yield indices[item.position], item, result
+    finally:
+        progress.close()
+
+
+def _gather_failures(failures: list[tuple[int, str, str]], run: EvalRun) -> list[tuple[int, str, str]]:
+    """(index, path, reason) of every failed image, in input order (rank 0; [] elsewhere when sharded)."""
+    gathered = distributed.gather_objects(failures) if run.sharded else [failures]
+    return sorted(f for part in gathered or [] for f in part)
+
+
+def _warn_failures(failures: list[tuple[int, str, str]], total: int) -> None:
+    if failures:
+        logger.warning("%d of %d images could not be read and are left out of the metrics; the first: %s",
+                       len(failures), total, "; ".join(f"{path}: {reason}" for _, path, reason in failures[:3]))
+
+
 def evaluate_instances(model: FAIMFModel, dataset: CocoInstanceDataset, size: int | None = None,
                        limit: int | None = None, top_k: int | None = None,
-                       mask_threshold: float | None = None) -> dict[str, Any]:
-    """COCO segm AP of `model` on a COCO-format dataset (its first `limit` images)."""
+                       mask_threshold: float | None = None, run: EvalRun | None = None) -> dict[str, Any] | None:
+    """COCO segm AP of `model` on a COCO-format dataset (its first `limit` images).
+
+    Every image is predicted once (sharded: by one process); the results are gathered in image order
+    and COCOeval runs once, so the metrics do not depend on the number of processes."""
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     from .postprocess import instance_inference
 
+    run = run or EvalRun()
     top_k = model.config.top_k if top_k is None else top_k
     mask_threshold = model.config.mask_threshold if mask_threshold is None else mask_threshold
     if dataset.num_classes != model.config.num_classes:
@@ -85,22 +162,41 @@ def evaluate_instances(model: FAIMFModel, dataset: CocoInstanceDataset, size: in
     if dataset.size is not None or dataset.flip:
         raise ValueError("evaluate on the dataset at its own size without flips (size=None, flip=False)")
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    results, image_ids = [], []
-    for i in range(n):
-        sample = dataset[i]
-        mask_probs, class_probs = query_probs(model, sample["image"], size)
-        inst = instance_inference(mask_probs, class_probs, top_k, mask_threshold)
-        image_ids.append(sample["image_id"])
-        masks = inst["masks"].cpu().numpy()
-        for k in range(masks.shape[0]):
-            if not masks[k].any():
-                continue
-            rle = mask_utils.encode(np.asfortranarray(masks[k].astype(np.uint8)))
-            results.append({"image_id": sample["image_id"],
-                            "category_id": dataset.category_ids[int(inst["labels"][k])],
-                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                            "score": float(inst["scores"][k])})
-    metrics: dict[str, Any] = {"task": "instance", "images": n, "detections": len(results)}
+    entries = [Entry(key=str(dataset.image_path(i)), item=str(dataset.image_path(i)),
+                     image_id=int(dataset.images[i]["id"])) for i in range(n)]
+
+    def process(group: list) -> list[list[dict[str, Any]]]:
+        per_image = []
+        for mask_probs, class_probs in batch_query_probs(model, [item.image for item in group], size):
+            inst = instance_inference(mask_probs, class_probs, top_k, mask_threshold)
+            masks, labels, scores = inst["masks"].cpu().numpy(), inst["labels"].tolist(), inst["scores"].tolist()
+            found = []
+            for k in range(masks.shape[0]):
+                if not masks[k].any():
+                    continue
+                rle = mask_utils.encode(np.asfortranarray(masks[k].astype(np.uint8)))
+                found.append({"category_id": dataset.category_ids[labels[k]],
+                              "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                              "score": float(scores[k])})
+            per_image.append(found)
+        return per_image
+
+    done, failures = [], []
+    for index, item, found in _run_images(entries, process, run):
+        if item.error is not None:
+            failures.append((index, item.entry.key, item.error))
+        else:
+            done.append((index, item.entry.image_id, found))
+    gathered = distributed.gather_objects(done) if run.sharded else [done]
+    failures = _gather_failures(failures, run)
+    if gathered is None:
+        return None
+    done = sorted((d for part in gathered for d in part), key=lambda d: d[0])
+    _warn_failures(failures, n)
+    image_ids = [image_id for _, image_id, _ in done]
+    results = [{"image_id": image_id, **r} for _, image_id, found in done for r in found]
+    metrics: dict[str, Any] = {"task": "instance", "images": len(done), "failed": len(failures),
+                               "detections": len(results)}
     if not results:
         metrics.update({name: 0.0 for name in COCO_STAT_NAMES})
         return metrics
@@ -141,35 +237,67 @@ def confusion_matrix(prediction: torch.Tensor, label: torch.Tensor, num_classes:
     return torch.bincount(index.cpu(), minlength=num_classes * num_classes).reshape(num_classes, num_classes).numpy()
 
 
+class _SemanticSample:
+    """Loader of semantic dataset items for the decode workers: entry.item is the item index."""
+
+    def __init__(self, dataset: SemanticSegDataset):
+        self.dataset = dataset
+
+    def __call__(self, entry: Entry) -> tuple[torch.Tensor, dict[str, Any]]:
+        sample = self.dataset[entry.item]
+        return sample["image"], {"semantic": sample["semantic"]}
+
+
 def evaluate_semantic(model: FAIMFModel, dataset: SemanticSegDataset, size: int | None = None,
-                      limit: int | None = None) -> dict[str, Any]:
-    """mIoU / mAcc of `model` on a semantic dataset (its first `limit` images)."""
+                      limit: int | None = None, run: EvalRun | None = None) -> dict[str, Any] | None:
+    """mIoU / mAcc of `model` on a semantic dataset (its first `limit` images); the confusion matrix
+    is summed over processes when sharded (metrics on rank 0, None elsewhere)."""
     from .postprocess import semantic_inference
 
+    run = run or EvalRun()
     num_classes = model.config.num_classes
     if dataset.num_classes != num_classes:
         raise ValueError(f"the dataset has {dataset.num_classes} classes, the model {num_classes}")
     if dataset.size is not None or dataset.flip:
         raise ValueError("evaluate on the dataset at its own size without flips (size=None, flip=False)")
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for i in range(n):
-        sample = dataset[i]
+    entries = [Entry(key=str(dataset.items[i][0]), item=i) for i in range(n)]
+
+    def process(group: list) -> list[np.ndarray]:
+        images = [item.image for item in group]
         if size is None and model.kernels != "reference":
-            prediction = fused_semantic_label_map(model, sample["image"])
+            predictions = batch_fused_semantic_label_maps(model, images)
         else:
-            mask_probs, class_probs = query_probs(model, sample["image"], size)
-            prediction = semantic_inference(mask_probs, class_probs)
-        confusion += confusion_matrix(prediction, sample["semantic"], num_classes)
-    return {"task": "semantic", "images": n, **semantic_scores(confusion, list(dataset.classes))}
+            predictions = [semantic_inference(*probs) for probs in batch_query_probs(model, images, size)]
+        return [confusion_matrix(p, item.extras["semantic"], num_classes) for p, item in zip(predictions, group)]
+
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    failures, images = [], 0
+    for index, item, counts in _run_images(entries, process, run, load=_SemanticSample(dataset)):
+        if item.error is not None:
+            failures.append((index, item.entry.key, item.error))
+        else:
+            confusion += counts
+            images += 1
+    if run.sharded:
+        totals = torch.from_numpy(np.append(confusion.ravel(), images)).to(model.device)
+        totals = distributed.all_reduce_sum(totals).cpu().numpy()
+        confusion, images = totals[:-1].reshape(num_classes, num_classes), int(totals[-1])
+    failures = _gather_failures(failures, run)
+    if run.sharded and not distributed.is_main_process():
+        return None
+    _warn_failures(failures, n)
+    return {"task": "semantic", "images": images, "failed": len(failures),
+            **semantic_scores(confusion, list(dataset.classes))}
 
 
-def evaluate(model: FAIMFModel, data: str | os.PathLike, size: int | None = None, limit: int | None = None) -> dict[str, Any]:
+def evaluate(model: FAIMFModel, data: str | os.PathLike, size: int | None = None, limit: int | None = None,
+             run: EvalRun | None = None) -> dict[str, Any] | None:
     """COCO segm AP for a COCO JSON, mIoU / mAcc for a semantic folder (see `data.load_dataset`)."""
     dataset = load_dataset(data, num_classes=model.config.num_classes)
     if isinstance(dataset, CocoInstanceDataset):
-        return evaluate_instances(model, dataset, size=size, limit=limit)
-    return evaluate_semantic(model, dataset, size=size, limit=limit)
+        return evaluate_instances(model, dataset, size=size, limit=limit, run=run)
+    return evaluate_semantic(model, dataset, size=size, limit=limit, run=run)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -184,30 +312,53 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from .io import load_model
 
+    json_out = check_output_file(args.json, "--json")
+    for data in args.data:
+        if not Path(data).exists():
+            raise FileNotFoundError(f"--data {data}: no such file or folder")
+    check_weights(args.weights)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    kernels = check_kernels(args.kernels)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, weights=args.weights, device=args.device)
+    owns_group = start_distributed(device)
+    model = load_model(args.model, weights=args.weights, device=device, kernels=kernels)
+    model.model.to(dtype)
     t0 = time.perf_counter()
     outputs = []
     for data in args.data:
-        metrics = evaluate(model, data, size=args.size, limit=args.limit)
-        metrics["data"] = str(data)
-        outputs.append(metrics)
-        print(f"{data}: {format_metrics(metrics)}", flush=True)
-    print(f"evaluated in {time.perf_counter() - t0:.1f} s", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(outputs if len(outputs) > 1 else outputs[0], indent=2))
-    return 0
+        run_options = EvalRun(batch=args.batch, workers=args.workers, sharded=True, progress=f"eval {data}",
+                              log_interval=args.log_interval)
+        metrics = evaluate(model, data, size=args.size, limit=args.limit, run=run_options)
+        if metrics is not None:
+            metrics["data"] = str(data)
+            outputs.append(metrics)
+            print(f"{data}: {format_metrics(metrics)}", flush=True)
+    status = 0
+    if distributed.is_main_process():
+        world = distributed.world_size()
+        print(f"evaluated in {time.perf_counter() - t0:.1f} s{f' on {world} processes' if world > 1 else ''}; "
+              f"kernels: {kernels_report()}", flush=True)
+        if json_out is not None:
+            write_atomic(json_out, [json.dumps(outputs if len(outputs) > 1 else outputs[0], indent=2)])
+        status = EXIT_FAILED_IMAGES if any(m["failed"] for m in outputs) else 0
+    status = int(distributed.broadcast_object(status))
+    if owns_group:
+        distributed.cleanup()
+    return status
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="COCO segm AP (COCO json) or mIoU/mAcc (semantic folder)")
+    p = subparsers.add_parser("eval", help="COCO segm AP (COCO json) or mIoU/mAcc (semantic folder)",
+                              epilog="Exit status: 0 done, 3 some images could not be read (left out of the "
+                              "metrics), 1 error, 2 usage. Under torchrun every process predicts a share of the "
+                              "images and rank 0 computes the metrics over all of them.")
     p.add_argument("--model", required=True, help="model directory, model_info.json or zoo name")
     p.add_argument("--weights", default=None)
     p.add_argument("--data", required=True, nargs="+", help="COCO instances .json and/or folders with images/ and labels/")
-    p.add_argument("--size", type=int, default=None, help="run the model at SIZE x SIZE (default: each image's size)")
-    p.add_argument("--limit", type=int, default=None, help="first N images only")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--size", type=positive_int, default=None, help="run the model at SIZE x SIZE (default: each image's size)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N images only")
     p.add_argument("--json", default=None, help="write the metrics here")
+    add_runtime_arguments(p)
     p.set_defaults(func=run)

@@ -13,7 +13,7 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -135,6 +135,14 @@ class FAIMFModel:
         from .predict import predict
 
         return predict(self, images, **kwargs)
+
+    def predict_iter(self, source: Any, batch: int = 1, workers: int | None = 0, **kwargs: Any) -> Iterator:
+        """Per-image results (`fai_mf.predict.ImageResult`) over files, folders, globs, path lists, COCO
+        files or in-memory images, in input order, decoded by `workers` processes, `batch` same-size
+        images per forward; see `fai_mf.predict.predict_iter`."""
+        from .predict import predict_iter
+
+        return predict_iter(self, source, batch=batch, workers=workers, **kwargs)
 
     def __repr__(self) -> str:
         return f"FAIMFModel(name={self.name!r}, classes={self.config.num_classes}, device={self.device})"
