@@ -1,4 +1,4 @@
-// Torch-facing wrappers of the CUDA launchers (postprocess.h / postprocess.cu, fpn.h / fpn.cu). Compiled
+// Torch-facing wrappers of the CUDA launchers (postprocess.h / postprocess_cuda.cu, fpn.h / fpn_cuda.cu). Compiled
 // only for a CUDA torch (mf_kernels/build.py adds it with -DMF_WITH_CUDA); bindings.cpp registers these
 // functions. Each wrapper checks its tensors, allocates the outputs, passes raw pointers and the current
 // stream (as an integer) to a launcher and turns its cudaError_t into a Python exception. No sync.

@@ -20,7 +20,7 @@ Implementations (`mf_kernels.dispatch` picks one):
              conv followed by the fused upsample-add kernel instead (see `t4_decision`)
   cpp        csrc/fpn.cpp (OpenMP) through `mf_kernels._C`; the lateral op is oneDNN's folded conv with
              the C++ upsample-add done in place on its output
-  cuda       csrc/fpn.cu: an upsample-add kernel and a WMMA (tensor core, fp16) GEMM with the add in its
+  cuda       csrc/fpn_cuda.cu: an upsample-add kernel and a WMMA (tensor core, fp16) GEMM with the add in its
              epilogue, bound through `mf_kernels._C`
 """
 from __future__ import annotations
@@ -389,9 +389,9 @@ TRITON_LATERAL_DESCRIPTION = ("Triton GEMM (M = B·H·W, N = Cout, K = Cin) with
                               "cuDNN conv + the Triton upsample-add kernel. " + T4_DECISION_SHORT)
 CPP_DESCRIPTION = "C++/OpenMP strided upsample-add (csrc/fpn.cpp)"
 CPP_LATERAL_DESCRIPTION = "oneDNN conv with the folded weight + C++/OpenMP upsample-add in place on its output"
-CUDA_UPSAMPLE_DESCRIPTION = "CUDA strided upsample-add kernel (csrc/fpn.cu)"
-CUDA_LATERAL_DESCRIPTION = ("fp16: WMMA tensor-core GEMM with the upsample-add epilogue (csrc/fpn.cu); fp32: cuDNN "
-                            "conv + CUDA upsample-add in place. " + T4_DECISION_SHORT)
+CUDA_UPSAMPLE_DESCRIPTION = "CUDA strided upsample-add kernel (csrc/fpn_cuda.cu)"
+CUDA_LATERAL_DESCRIPTION = ("fp16: WMMA tensor-core GEMM with the upsample-add epilogue (csrc/fpn_cuda.cu); fp32: "
+                            "cuDNN conv + CUDA upsample-add in place. " + T4_DECISION_SHORT)
 
 fpn_upsample_add = dispatch.define_op("fpn_upsample_add", fpn_upsample_add_ref, _upsample_inputs_of)
 fpn_upsample_add.__doc__ = """fpn_upsample_add(lateral [B, C, H, W], coarse [B, C, h, w]) -> [B, C, H, W]:

@@ -29,7 +29,7 @@ GEMM) and interpolate C values per output pixel: exact up to rounding and about 
 
 Backends: reference (these functions), cpp (csrc/postprocess.cpp via `mf_kernels._C`: one column-major
 pass per query that also counts the RLE runs), triton (`mf_kernels.mask_postprocess_triton`: stats and
-bit masks on the GPU, RLE counts and crops on the host from the bit masks), cuda (csrc/postprocess.cu,
+bit masks on the GPU, RLE counts and crops on the host from the bit masks), cuda (csrc/postprocess_cuda.cu,
 same split as triton). The encoders have a reference (Python/Pillow) and a cpp implementation.
 
 Outputs of the GPU backends: areas, boxes, prob_sums stay on the device; rle_counts and crops are CPU
@@ -505,7 +505,7 @@ mask_postprocess.register("triton", mask_postprocess_triton, devices=("cpu", "cu
 mask_postprocess.register("cuda", mask_postprocess_cuda, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16,
                                                                                    torch.float32),
                           environment=_cuda_environment, check=_size_check,
-                          description="CUDA stats + ballot bit masks (csrc/postprocess.cu); RLE counts and crops "
+                          description="CUDA stats + ballot bit masks (csrc/postprocess_cuda.cu); RLE counts and crops "
                                       "on the host from the bit masks")
 
 semantic_label_map = dispatch.define_op("semantic_label_map", semantic_label_map_ref, _semantic_inputs_of)

@@ -1,5 +1,5 @@
 """FPN top-down step (SPEC §4.2): every backend of `fpn_upsample_add` and `fpn_lateral_upsample_add` against
-the reference, BN folding, the pixel decoder's fused path, and the CUDA sources' compile check.
+the reference, BN folding and the pixel decoder's fused path (the CUDA sources' compile check: test_cuda_sources.py).
 
 Triton runs in the interpreter here: TRITON_INTERPRET is set before anything imports triton.
 """
@@ -9,7 +9,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (mf_kernels imports it lazily)
 
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -345,7 +344,7 @@ def test_pixel_decoder_reference_is_the_unfused_model():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Registration, roofline, AOT specs, CUDA sources
+# Registration, roofline, AOT specs
 
 
 def test_registered_backends_and_t4_decision():
@@ -411,17 +410,3 @@ def test_aot_specs_cover_both_kernels_within_t4_limits():
     for kernel, dtype, bm, bn, bk, stages in specs["75"]:
         if kernel == "fpn_lateral_upsample_add_kernel":  # A + B tiles per stage within the T4's 64 KB
             assert (bm + bn) * bk * (4 if dtype == "fp32" else 2) * max(1, stages) <= 64 * 1024
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_fpn_cu_compiles_for_t4_a100_h100_without_spills(tmp_path):
-    procs = {arch: subprocess.Popen(["nvcc", f"-arch=sm_{arch}", "-O3", "-Xptxas", "-v", "-c",
-                                     str(REPO / "csrc" / "fpn.cu"), "-o", str(tmp_path / f"fpn_{arch}.o")],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for arch in (75, 80, 90)}
-    for arch, proc in procs.items():
-        log = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, f"sm_{arch}:\n{log}"
-        spills = [line for line in log.splitlines() if "spill" in line and not line.strip().startswith("0 bytes")]
-        assert not [s for s in spills if " 0 bytes spill stores, 0 bytes spill loads" not in s], log
-        assert log.count("Compiling entry function") == 3, log  # upsample-add f32/f16 + the WMMA GEMM
