@@ -219,6 +219,22 @@ def test_lateral_upsample_add_parity(backend, dtype):
         _check_lateral(out, x, weight, bias, coarse)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
+def test_lateral_upsample_add_strided_weight_and_bias(backend):
+    """weight and bias as strided views (every other column / element of a larger tensor): the kernels take
+    their strides, so they neither read the neighbours nor past the end of the bias."""
+    device = device_of(backend)
+    backend_or_skip(fpn.fpn_lateral_upsample_add, backend, device, torch.float32)
+    x, weight, bias, coarse = make_lateral(LATERAL_CASES[1], torch.float32, device, seed=8)
+    wide_weight = torch.stack([weight, torch.full_like(weight, 1e4)], dim=2).flatten(1)  # [Cout, 2 Cin]
+    wide_bias = torch.stack([bias, torch.full_like(bias, 1e4)], dim=1).flatten()  # [2 Cout]
+    strided_weight, strided_bias = wide_weight[:, ::2], wide_bias[::2]
+    assert strided_bias.stride(0) == 2 and torch.equal(strided_bias, bias) and torch.equal(strided_weight, weight)
+    with mf_kernels.use(backend):
+        out = mf_kernels.fpn_lateral_upsample_add(x, strided_weight, strided_bias, coarse)
+    _check_lateral(out, x, weight, bias, coarse)
+
+
 @pytest.mark.parametrize("arch", [75, 80])
 def test_lateral_triton_gemm_configs(arch):
     """Every GEMM tile the launcher can pick on sm_75 and sm_80+ (interpreted), fp16 and fp32, plus the
