@@ -1,5 +1,5 @@
 """How the extension is built and which environments the project refuses, without compiling anything:
-object names, the CUDA toolkit lookup and the arch flags."""
+object names, the CUDA toolkit lookup, the arch flags, and the Triton-interpreter / numpy guard."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mf_kernels import build
+from mf_kernels import build, dispatch
 
 
 def setuptools_objects(sources: list[str]) -> list[str]:
@@ -82,3 +82,21 @@ def test_cuda_arch_flags_are_sass_for_each_target_and_ptx_for_the_newest():
     assert [f for f in flags if f.startswith("-gencode")] == [
         "-gencode=arch=compute_75,code=sm_75", "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+
+
+@pytest.mark.parametrize("triton_release, numpy_release, broken", [
+    ((3, 6, 0), (2, 4, 6), True), ((3, 5, 1), (2, 4, 0), True), ((3, 6, 0), (2, 3, 5), False),
+    ((3, 7, 0), (2, 4, 6), False), ((3, 8, 0), (2, 4, 6), False)])
+def test_the_interpreter_refuses_triton_before_3_7_with_numpy_2_4(monkeypatch, triton_release, numpy_release, broken):
+    releases = {"triton": triton_release, "numpy": numpy_release}
+    monkeypatch.setattr(dispatch, "_release", releases.get)
+    dispatch.interpreter_version_reasons.cache_clear()
+    try:
+        reasons = dispatch.interpreter_version_reasons()
+    finally:
+        dispatch.interpreter_version_reasons.cache_clear()
+    assert bool(reasons) == broken
+    if broken:
+        version = ".".join(map(str, triton_release))
+        assert f"triton {version} with numpy {'.'.join(map(str, numpy_release))}" in reasons[0]
+        assert "numpy<2.4" in reasons[0] and "triton>=3.7" in reasons[0]
