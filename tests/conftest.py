@@ -1,12 +1,19 @@
 """Shared fixtures. Never imports triton: interpreter tests set TRITON_INTERPRET in their own module."""
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import pytest
 import torch
 
 import fai_mf
+
+
+def requires(module: str) -> pytest.MarkDecorator:
+    """Skip the test, with its name in the report, where the optional `module` (e.g. pycocotools) is missing."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"needs {module}, which is not installed (pip install {module})")
 
 
 def tiny_config(**overrides) -> fai_mf.MaskFormerConfig:
