@@ -100,3 +100,52 @@ def test_the_interpreter_refuses_triton_before_3_7_with_numpy_2_4(monkeypatch, t
         version = ".".join(map(str, triton_release))
         assert f"triton {version} with numpy {'.'.join(map(str, numpy_release))}" in reasons[0]
         assert "numpy<2.4" in reasons[0] and "triton>=3.7" in reasons[0]
+
+
+def make_python_with(root: Path, package: str, version: str) -> Path:
+    """A venv (no pip) whose own site-packages holds `package` with its distribution metadata, as the torch of a
+    GPU machine lives in a venv; its python."""
+    import subprocess
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(root)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / f"{package}.py").write_text(f"VERSION = {version!r}\n")
+    dist = site / f"{package}-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+    return python
+
+
+def test_system_venv_sees_a_torch_that_lives_in_another_venv_and_needs_no_network(tmp_path):
+    """`make venv TORCH=system PYTHON=<machine venv python>` (.ci/system_venv.py, pip never run): the project venv
+    imports the machine venv's packages, which `venv --system-site-packages` would hide; the project is on
+    its path; a missing required package is an error naming it, a missing optional one a note."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    machine = make_python_with(tmp_path / "machine", "machine_torch", "2.11.0")
+    project = tmp_path / "project"
+    done = subprocess.run([str(machine), str(repo / ".ci" / "system_venv.py"), "--venv", str(project), "--no-pip",
+                           "--require", "machine_torch>=2.4", "--optional", "no_such_optional_dist", "--project",
+                           str(repo)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no_such_optional_dist not installed" in done.stdout
+    probe = ("import importlib.util, machine_torch; "
+             "print(machine_torch.VERSION, importlib.util.find_spec('fai_mf').origin)")
+    out = subprocess.run([str(project / "bin" / "python"), "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2.11.0", str(repo / "src" / "fai_mf" / "__init__.py")]
+
+    hidden = tmp_path / "system-site"
+    subprocess.run([str(machine), "-m", "venv", "--without-pip", "--system-site-packages", str(hidden)], check=True)
+    assert subprocess.run([str(hidden / "bin" / "python"), "-c", "import machine_torch"],
+                          capture_output=True).returncode != 0  # why the flag alone is not enough
+
+    missing = subprocess.run([str(machine), str(repo / ".ci" / "system_venv.py"), "--venv", str(project), "--no-pip",
+                              "--require", "machine_torch>=3 no_such_required_dist"], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 1
+    assert "machine_torch>=3 no_such_required_dist required but not installed" in missing.stderr
