@@ -1,5 +1,5 @@
-# Set-up and the two entry points of the README: `make demo` and `make test`.
-# Both create .venv when it is missing.
+# Set-up and the entry points of the README: `make demo`, `make test` (both create .venv when it is
+# missing) and `make gpu-check` (creates nothing: the machine's own Python, torch, triton and nvcc).
 #
 #   TORCH=torch==2.13.0   (default) a pinned CPU-capable wheel; an unpinned torch would pull a CUDA build
 #   TORCH=system          keep the torch (and the triton it chose) of $(PYTHON), the Python that runs make;
@@ -17,8 +17,9 @@ DEPS := scipy pillow pytest pytest-benchmark
 OPTIONAL_DEPS := pycocotools matplotlib ninja
 BUILD_DEPS := setuptools>=77 wheel
 quote = $(foreach p,$(1),'$(p)')
+GPU_CHECK_OUT ?= out/gpu-check
 
-.PHONY: venv test demo aot clean
+.PHONY: venv test demo aot gpu-check clean
 venv: $(VENV)/.ready
 
 ifeq ($(TORCH),system)
@@ -35,16 +36,21 @@ $(VENV)/.ready: pyproject.toml setup.py
 	touch $@
 endif
 
-# GPU readiness (every Triton kernel compiled afresh for sm_75/80/90: no cache hit can hide a failure;
-# no spills, shared memory within limits),
+# The GPU check in its dry mode (no CUDA device needed: environment, every Triton kernel compiled afresh
+# for sm_75/80/90 with no spill and shared memory within limits, the kernel driver in the interpreter),
 # the microbenchmarks in quick mode (so they cannot rot; no timing is asserted), then the test suite.
 test: venv
-	TRITON_ALWAYS_COMPILE=1 $(PY) -m mf_kernels.aot --arch 75,80,90 --jobs 2
+	$(PY) bench/gpu_check.py --dry-run --out build/gpu-check-dry
 	$(PY) -m pytest -q bench --benchmark-only --quick -p no:cacheprovider
 	$(PY) -m pytest -q tests
 
 aot: venv
 	TRITON_ALWAYS_COMPILE=1 $(PY) -m mf_kernels.aot --arch 75,80,90 --jobs 2
+
+# On a machine with a CUDA device: build, parity at the model's shapes, the suite, compute-sanitizer, benchmarks;
+# one folder of results ($(GPU_CHECK_OUT)/summary.md). Runs from the source tree with $(PYTHON): no venv, no pip.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 # Profile fai-mf-s-coco-ins at 640x640 (random weights unless WEIGHTS=path), reference vs fused kernels.
 MODEL ?= fai-mf-s-coco-ins
