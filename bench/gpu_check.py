@@ -21,9 +21,9 @@ one budget: a step gets at most what is left once the later steps' estimates are
 
 The output folder holds summary.md (every step: status, time, key figures), summary.json, one JSON per
 step, logs/ (every command's output), the FPS plots (when matplotlib exists) and the Triton cache the
-steps share. Without a CUDA device (or with --dry-run) only environment, aot and driver (Triton
-interpreter) run; the other steps are marked "skipped: no CUDA device" and the exit code is 0 when those
-three pass, so CI runs this. The exit code is 1 when any step failed or ran out of time.
+steps share. Without a CUDA device only environment, aot and driver (Triton interpreter) run; the other
+steps are marked "skipped: no CUDA device" (with --dry-run: "skipped: dry run") and the exit code is 0
+when those three pass, so CI runs this. The exit code is 1 when any step failed or ran out of time.
 """
 from __future__ import annotations
 
@@ -724,10 +724,11 @@ def write_summary(results: list[StepResult], ctx: Context, mode: str, budget: fl
     spent = f"{total:.0f} s of a {budget:.0f} s budget" if ctx.device else f"{total:.0f} s (no budget without a device)"
     lines = [f"# gpu-check {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", "",
              f"mode: {mode}; {spent}; output: {ctx.out}", "",
-             "| step | status | time (s) | limit (s) | H200 estimate (s) | key figures |", "|---|---|---|---|---|---|"]
+             "| step | what | status | time (s) | limit (s) | H200 estimate (s) | key figures |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         status = r.status + (f": {r.reason}" if r.reason else "")
-        lines.append(f"| {r.name} | {status} | {r.seconds:.1f} | {r.limit_s:.0f} | {r.estimate_s:.0f} | "
+        lines.append(f"| {r.name} | {r.title} | {status} | {r.seconds:.1f} | {r.limit_s:.0f} | {r.estimate_s:.0f} | "
                      f"{key_figures(r).replace('|', '/')} |")
     for r in results:
         details = [x for x in r.figures.get("failures", [])] if isinstance(r.figures.get("failures"), list) else []

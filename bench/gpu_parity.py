@@ -361,7 +361,7 @@ def cases(device: str) -> list[Case]:
             out.append(threshold_case(shape, dtype, device, f"edge {shape}", driver=i == 5))
             out.append(ownership_case(shape, dtype, device, f"edge {shape}", driver=i == 5))
             out.append(semantic_case(shape, 4, dtype, device, f"edge {shape} C=4", driver=i == 5))
-        out.append(threshold_case(MASK_EDGES[0], dtype, device, f"edge {MASK_EDGES[0]} queries 0,2,4 strict",
+        out.append(threshold_case(MASK_EDGES[0], dtype, device, f"edge {MASK_EDGES[0]} queries 4,0,2 strict",
                                   queries=[4, 0, 2], strict=True))
         out.append(threshold_case(MASK_EDGES[0], dtype, device, f"edge {MASK_EDGES[0]} no query", queries=[]))
         side = -(-RESOLUTION // 4)

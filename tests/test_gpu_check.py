@@ -50,7 +50,7 @@ def test_a_failing_or_crashing_step_does_not_stop_the_others(ctx):
     assert "exit code" in results[2].reason
     summary = gpu_check.write_summary(results, ctx, "test", 120).read_text()
     for r in results:
-        assert f"| {r.name} | {r.status}" in summary
+        assert f"| {r.name} | {r.title} | {r.status}" in summary
     assert "## fails: failed" in summary and "- b" in summary
     assert [r["status"] for r in json.loads((ctx.out / "summary.json").read_text())] == ["ok", "failed", "failed", "ok"]
 
@@ -108,7 +108,7 @@ def test_without_a_device_the_gpu_steps_are_skipped_and_the_run_passes(ctx):
     assert [(r.status, r.reason) for r in results] == [("ok", ""), ("skipped", "no CUDA device"), ("ok", "")]
     assert not any(r.bad for r in results) and ctx.device is False
     summary = gpu_check.write_summary(results, ctx, "dry", 60).read_text()
-    assert "| gpu | skipped: no CUDA device |" in summary
+    assert "| gpu | stand-in gpu | skipped: no CUDA device |" in summary
 
 
 def test_a_step_body_reports_its_failure_or_crash(ctx, capsys):
