@@ -112,7 +112,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lateral"), py::arg("coarse"), py::arg("out") = py::none());
 
 #ifdef MF_WITH_CUDA
-  // ---- CUDA (cuda_bindings.cpp over postprocess.cu / fpn*.cu) ----
+  // ---- CUDA (cuda_bindings.cpp over postprocess_cuda.cu / fpn_cuda.cu) ----
   m.def("mask_stats_cuda", &mf::mask_stats_cuda, py::arg("logits"), py::arg("H"), py::arg("W"), py::arg("thr"),
         py::arg("strict"), py::arg("want_bits"));
   m.def("owner_stats_cuda", &mf::owner_stats_cuda, py::arg("logits"), py::arg("scores"), py::arg("queries"),

@@ -1,4 +1,4 @@
-// Torch-facing wrappers of the CUDA launchers (postprocess.h / postprocess.cu, fpn.h / fpn.cu). Compiled
+// Torch-facing wrappers of the CUDA launchers (postprocess.h / postprocess_cuda.cu, fpn.h / fpn_cuda.cu). Compiled
 // only for a CUDA torch (mf_kernels/build.py adds it with -DMF_WITH_CUDA); bindings.cpp registers these
 // functions. Each wrapper checks its tensors, allocates the outputs, passes raw pointers and the current
 // stream (as an integer) to a launcher and turns its cudaError_t into a Python exception. No sync.
@@ -76,8 +76,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_stats(const at::T
   return {areas, boxes, prob_sums, bits};
 }
 
-// Rows of each 4-D map must be dense (stride_h == W * stride_w) for the [B, C, P] addressing of fpn.h.
-bool dense_rows(const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == t.size(3) * t.stride(3); }
+// fpn.h addresses a 4-D map as [B, C, P] with one pixel stride, p = y * W + x: the column stride, or the
+// row stride when W == 1 (then the rows are the pixels; torch ignores the stride of a size-1 dim, so a map
+// it calls contiguous may carry any stride(3) there).
+int64_t pixel_stride(const at::Tensor& t) { return t.size(3) == 1 ? t.stride(2) : t.stride(3); }
+
+// Whether pixel_stride reaches every pixel: one row, one column, or dense rows (stride_h == W * stride_w).
+bool dense_rows(const at::Tensor& t) {
+  return t.size(2) <= 1 || t.size(3) <= 1 || t.stride(2) == t.size(3) * t.stride(3);
+}
 
 int fpn_dtype(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf, op, ": float32 or float16 only, got ",
@@ -158,8 +165,8 @@ at::Tensor fpn_upsample_add_cuda(const at::Tensor& lateral_in, const at::Tensor&
   const int64_t B = lateral.size(0), C = lateral.size(1), H = lateral.size(2), W = lateral.size(3);
   check_launch(mf_fpn_upsample_add(dtype, lateral.data_ptr(), coarse.data_ptr(), out.data_ptr(), B, C, H, W,
                                    coarse.size(2), coarse.size(3), lateral.stride(0), lateral.stride(1),
-                                   lateral.stride(3), coarse.stride(0), coarse.stride(1), coarse.stride(2),
-                                   coarse.stride(3), out.stride(0), out.stride(1), out.stride(3), current_stream()),
+                                   pixel_stride(lateral), coarse.stride(0), coarse.stride(1), coarse.stride(2),
+                                   coarse.stride(3), out.stride(0), out.stride(1), pixel_stride(out), current_stream()),
                "mf_fpn_upsample_add");
   return out;
 }
@@ -185,9 +192,9 @@ at::Tensor fpn_lateral_upsample_add_cuda(const at::Tensor& x_in, const at::Tenso
   at::Tensor out = at::empty({B, N, H, W}, x.options().memory_format(x.suggest_memory_format()));
   check_launch(mf_fpn_lateral_upsample_add_f16(x.data_ptr(), weight.data_ptr(), bias.data_ptr<float>(),
                                                coarse.data_ptr(), out.data_ptr(), B, K, N, H, W, coarse.size(2),
-                                               coarse.size(3), x.stride(0), x.stride(1), x.stride(3),
+                                               coarse.size(3), x.stride(0), x.stride(1), pixel_stride(x),
                                                coarse.stride(0), coarse.stride(1), coarse.stride(2), coarse.stride(3),
-                                               out.stride(0), out.stride(1), out.stride(3), current_stream()),
+                                               out.stride(0), out.stride(1), pixel_stride(out), current_stream()),
                "mf_fpn_lateral_upsample_add_f16");
   return out;
 }

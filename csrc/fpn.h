@@ -1,5 +1,5 @@
-// FPN top-down step (SPEC §4.2): what the CPU (fpn.cpp) and CUDA (fpn.cu) kernels share. Torch-free on
-// purpose: fpn.cu includes it and is compiled by plain nvcc (CI builds it for sm_75/80/90 with no torch);
+// FPN top-down step (SPEC §4.2): what the CPU (fpn.cpp) and CUDA (fpn_cuda.cu) kernels share. Torch-free on
+// purpose: fpn_cuda.cu includes it and is compiled by plain nvcc (CI builds it for sm_75/80/90 with no torch);
 // the CUDA launchers take raw pointers and the stream as an integer so that cuda_bindings.cpp can call
 // them from a CUDA torch.
 //
@@ -34,7 +34,7 @@ MF_FPN_HOST_DEVICE int64_t mf_nearest_src(int64_t dst, float scale, int64_t in_s
 }
 
 // ------------------------------------------------------------------------------------------------
-// CUDA launchers (fpn.cu). Device pointers; strides in elements; `stream` is a cudaStream_t cast to
+// CUDA launchers (fpn_cuda.cu). Device pointers; strides in elements; `stream` is a cudaStream_t cast to
 // intptr_t (0 = the legacy default stream). Each returns the cudaError_t of its launch as an int
 // (0 = cudaSuccess) and does not synchronise. Sizes must keep B * C * H * W below 2^31.
 // ------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-// Mask post-processing (SPEC §4.3): what the CPU (postprocess.cpp) and CUDA (postprocess.cu) kernels
-// share. This header is torch-free on purpose: postprocess.cu includes it and is compiled by plain nvcc
+// Mask post-processing (SPEC §4.3): what the CPU (postprocess.cpp) and CUDA (postprocess_cuda.cu) kernels
+// share. This header is torch-free on purpose: postprocess_cuda.cu includes it and is compiled by plain nvcc
 // (CI builds it for sm_75/80/90 with no torch), and the CUDA launchers below take raw pointers and the
 // stream as an integer so that a thin C++ file (cuda_bindings.cpp) can call them from a CUDA torch.
 //
@@ -57,7 +57,7 @@ MF_HOST_DEVICE MfLinearTap mf_linear_tap(int32_t dst, int32_t in_size, int32_t o
 MF_HOST_DEVICE int32_t mf_bit_words(int32_t width) { return (width + 31) / 32; }
 
 // ------------------------------------------------------------------------------------------------
-// CUDA launchers (postprocess.cu). Every pointer is a device pointer to a contiguous row-major buffer;
+// CUDA launchers (postprocess_cuda.cu). Every pointer is a device pointer to a contiguous row-major buffer;
 // `stream` is a cudaStream_t cast to intptr_t (0 = the legacy default stream). Each returns the
 // cudaError_t of its launches as an int (0 = cudaSuccess). Nothing here synchronises.
 // ------------------------------------------------------------------------------------------------

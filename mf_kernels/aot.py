@@ -22,8 +22,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -203,6 +206,7 @@ def collect(archs: tuple[int, ...], ops: tuple[str, ...] | None = None) -> list[
 
 
 _JOBS: list[tuple[str, int, AotSpec]] = []  # read by forked workers (jit functions do not pickle)
+COMPILE_TIMEOUT_S = 300.0  # one compile; the slowest here (fp32 GEMM on sm_90) takes a few seconds
 
 
 def _compile_job(index: int) -> Result:
@@ -210,17 +214,84 @@ def _compile_job(index: int) -> Result:
     return compile_spec(op, spec, arch)
 
 
-def run(archs: tuple[int, ...] = DEFAULT_ARCHS, jobs: int = 1, ops: tuple[str, ...] | None = None) -> list[Result]:
-    """Compile every spec (of `ops`, default all) for every arch; `jobs` > 1 compiles in forked processes."""
+def _worker(index: int, conn: Any) -> None:
+    conn.send(_compile_job(index))
+    conn.close()
+
+
+def _failed_job(index: int, reason: str) -> Result:
+    op, arch, spec = _JOBS[index]
+    return Result(op, spec.kernel, arch, spec.config(), spec.dtype, errors=[reason])
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def _warm_up_compiler() -> None:
+    """Do once, before forking, what the first compile of every process would otherwise redo (about a second
+    each): import Triton's code generator and hash Triton's own files for the cache key (lru-cached).
+    Only a speed-up: a Triton without these names just compiles a little slower."""
+    try:
+        import triton.compiler.code_generator  # noqa: F401
+        from triton.runtime.cache import triton_key
+
+        triton_key()
+    except (ImportError, AttributeError):
+        pass
+
+
+def run_jobs(jobs: int = 1, timeout: float = COMPILE_TIMEOUT_S) -> list[Result]:
+    """Compile every entry of `_JOBS`, each in a process of its own forked from this one, `jobs` at a time.
+
+    A compile that crashes its process (an abort or segfault inside LLVM or ptxas) or runs past `timeout`
+    seconds is a failed row of its own; the others go on. A pool would hang instead: a worker that dies
+    takes its task with it and `Pool.map` waits for it forever."""
+    _warm_up_compiler()
+    context = multiprocessing.get_context("fork")
+    results: dict[int, Result] = {}
+    pending = list(range(len(_JOBS)))
+    running: dict[Any, tuple[int, Any, float]] = {}  # the result pipe's read end -> (job, process, deadline)
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            index = pending.pop(0)
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_worker, args=(index, sender), daemon=True)
+            process.start()
+            sender.close()  # the child holds the only write end: its exit, however it dies, wakes the wait below
+            running[receiver] = (index, process, time.monotonic() + timeout)
+        next_deadline = min(deadline for _, _, deadline in running.values())
+        for receiver in multiprocessing.connection.wait(list(running), max(0.0, next_deadline - time.monotonic())):
+            index, process, _ = running.pop(receiver)
+            try:
+                result = receiver.recv()
+            except EOFError:  # the process ended without sending its result
+                result = None
+            receiver.close()
+            process.join()
+            results[index] = result or _failed_job(index, f"compile process crashed ({_exit_reason(process.exitcode)})")
+        for receiver, (index, process, deadline) in list(running.items()):
+            if time.monotonic() >= deadline:
+                process.kill()
+                process.join()
+                receiver.close()
+                del running[receiver]
+                results[index] = _failed_job(index, f"compile timed out after {timeout:.0f} s")
+    return [results[i] for i in range(len(_JOBS))]
+
+
+def run(archs: tuple[int, ...] = DEFAULT_ARCHS, jobs: int = 1, ops: tuple[str, ...] | None = None,
+        timeout: float = COMPILE_TIMEOUT_S) -> list[Result]:
+    """Compile every spec (of `ops`, default all) for every arch, `jobs` forked processes at a time."""
     if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
         raise RuntimeError("run the AOT check without TRITON_INTERPRET: the interpreter replaces @triton.jit kernels")
     _JOBS[:] = collect(archs, ops)
-    if jobs <= 1 or len(_JOBS) <= 1:
-        return [_compile_job(i) for i in range(len(_JOBS))]
-    import multiprocessing
-
-    with multiprocessing.get_context("fork").Pool(min(jobs, len(_JOBS))) as pool:
-        return pool.map(_compile_job, range(len(_JOBS)), chunksize=1)
+    return run_jobs(jobs, timeout)
 
 
 def group(results: list[Result]) -> list[tuple[Result, int]]:
@@ -261,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op", help="comma-separated AOT provider names (default: all registered)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                         help="compile in this many processes (default: min(4, CPUs))")
+    parser.add_argument("--timeout", type=float, default=COMPILE_TIMEOUT_S,
+                        help=f"seconds one compile may take, else it fails (default {COMPILE_TIMEOUT_S:.0f})")
     args = parser.parse_args(argv)
     try:
         archs = tuple(int(a) for a in args.arch.split(",") if a.strip())
@@ -268,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--arch must be comma-separated integers like 75,80,90, got {args.arch!r}")
     start = time.perf_counter()
     ops = tuple(o.strip() for o in args.op.split(",") if o.strip()) if args.op else None
-    results = run(archs, jobs=args.jobs, ops=ops)
+    results = run(archs, jobs=args.jobs, ops=ops, timeout=args.timeout)
     print(format_table(results))
     failed = [r for r in results if not r.ok]
     print(f"{len(results)} compiles ({args.jobs} jobs) for sm_{', sm_'.join(map(str, archs))} in {time.perf_counter() - start:.1f} s: "

@@ -6,7 +6,11 @@ Used by setup.py (loaded by file path, so that building never imports the packag
 `mf_kernels._cpp_lib`, the one module that loads the extension. Only `_cpp_lib` imports the result.
 
 Sources (csrc/, see csrc/README.md): every `*.cpp` is compiled, except the CUDA-only files `*.cu` and
-`cuda_*.cpp`, which are added (with -DMF_WITH_CUDA) only when torch itself has CUDA and nvcc is found.
+`cuda_*.cpp`, which are added (with -DMF_WITH_CUDA) only when torch itself has CUDA and a CUDA toolkit is
+found (`cuda_home`: nvcc *and* cuda_runtime.h, not just an `nvcc` on PATH, which may be a wrapper
+script). No two sources may share a file stem: setuptools names objects `<dir>/<stem>.o`, so fpn.cpp and
+fpn.cu would both be fpn.o (`check_distinct_objects`). The CUDA code is compiled to SASS for sm_75, sm_80
+and sm_90 and to PTX for sm_90, which the driver JIT-compiles on a newer GPU.
 A generated header `mf_build_info.h` (in the build directory) gives bindings.cpp the hash of the sources
 that build compiles (MF_SOURCES_HASH), so `_cpp_lib` can tell a build of older sources; only
 bindings.cpp includes it, so a new hash recompiles that one file (ninja tracks the header).
@@ -18,9 +22,13 @@ is writable (an editable install: `make test` builds once and ninja reuses it), 
 from __future__ import annotations
 
 import ctypes.util
+import functools
+import glob
 import hashlib
 import os
+import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -32,7 +40,7 @@ EXTENSION_NAME = "mf_kernels._C"  # setup.py's module; the JIT module is JIT_NAM
 JIT_NAME = "mf_kernels_C"
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 BUILD_KIND = {"setup.py": 1, "jit": 2}
-CUDA_ARCHS = (75, 80, 90)
+CUDA_ARCHS = (75, 80, 90)  # SASS for T4, A100, H100/H200; PTX of the newest as well (`cuda_arch_flags`)
 
 
 def is_cuda_only(path: Path) -> bool:
@@ -45,6 +53,27 @@ def cpu_sources() -> list[str]:
 
 def cuda_sources() -> list[str]:
     return [str(p) for p in sorted(CSRC.glob("*")) if p.suffix in (".cu", ".cpp") and is_cuda_only(p)]
+
+
+def check_distinct_objects(sources: list[str]) -> list[str]:
+    """`sources`, or a ValueError naming the files that would compile to the same object file.
+
+    setuptools names each object after its source without the suffix (csrc/fpn.cpp and csrc/fpn.cu are
+    both csrc/fpn.o: ninja refuses "multiple rules generate", a plain build silently keeps one); the JIT
+    build uses the bare file name. So every stem must be unique across the build."""
+    by_stem: dict[str, list[str]] = {}
+    for source in sources:
+        by_stem.setdefault(Path(source).stem, []).append(os.path.basename(source))
+    clashes = [names for names in by_stem.values() if len(names) > 1]
+    if clashes:
+        raise ValueError("sources that would compile to the same object file: "
+                         + "; ".join(" and ".join(names) for names in clashes) + " (rename one of each)")
+    return sources
+
+
+def extension_sources(with_cuda: bool) -> list[str]:
+    """Every source a build compiles: the CPU sources, plus the CUDA-only ones when `with_cuda`."""
+    return check_distinct_objects(cpu_sources() + (cuda_sources() if with_cuda else []))
 
 
 def sources_hash(with_cuda: bool | None = None) -> str:
@@ -90,14 +119,68 @@ def torch_has_cuda() -> bool:
     return torch.version.cuda is not None
 
 
-def nvcc_available() -> bool:
-    from torch.utils.cpp_extension import CUDA_HOME
+def is_cuda_home(root: str | os.PathLike | None) -> bool:
+    """A CUDA toolkit root: bin/nvcc to compile and include/cuda_runtime.h, where torch looks for the headers."""
+    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
+        os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
 
-    return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+def _toolkit_of_nvcc(nvcc: str) -> str | None:
+    """The toolkit the `nvcc` on PATH really runs from, as nvcc reports it (`_HERE_` of --dryrun): right even
+    when that `nvcc` is a wrapper script in /usr/local/bin, where `dirname(dirname(which nvcc))` is wrong."""
+    try:
+        done = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    here = re.search(r"^#\$ _HERE_=(.+)$", done.stdout + done.stderr, flags=re.M)
+    return os.path.dirname(here.group(1).strip()) if here else None
+
+
+def cuda_home_candidates() -> list[str]:
+    """Where a CUDA toolkit may be, in order: $CUDA_HOME, $CUDA_PATH, the toolkit of the nvcc on PATH (as nvcc
+    reports it, then by its resolved path), /usr/local/cuda, the newest /usr/local/cuda-*."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [_toolkit_of_nvcc(nvcc), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    versioned = sorted(glob.glob("/usr/local/cuda-*"), key=lambda p: [int(n) for n in re.findall(r"\d+", p)],
+                       reverse=True)
+    return list(dict.fromkeys(c for c in candidates + ["/usr/local/cuda", *versioned] if c))
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_home() -> str | None:
+    """The CUDA toolkit root to build with: the first candidate with both nvcc and cuda_runtime.h, or None."""
+    return next((c for c in cuda_home_candidates() if is_cuda_home(c)), None)
+
+
+def nvcc_path() -> str | None:
+    home = cuda_home()
+    return os.path.join(home, "bin", "nvcc") if home else None
+
+
+def nvcc_available() -> bool:
+    """A usable CUDA toolkit (nvcc and its headers) was found; the same test the build itself uses."""
+    return cuda_home() is not None
+
+
+def use_cuda_home() -> str:
+    """Point torch's extension builder (and the compilers it starts) at `cuda_home()`: torch took CUDA_HOME from
+    `which nvcc` when it was imported, which a wrapper script in /usr/local/bin turns into /usr/local."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    home = cuda_home()
+    if home is None:
+        raise RuntimeError("no CUDA toolkit found (bin/nvcc with include/cuda_runtime.h) in "
+                           + ", ".join(cuda_home_candidates() or ["$CUDA_HOME, PATH, /usr/local/cuda"]))
+    cpp_extension.CUDA_HOME = home
+    os.environ["CUDA_HOME"] = home
+    return home
 
 
 def build_with_cuda() -> bool:
-    """CUDA parts only with a CUDA torch (a CPU torch has no libc10_cuda to link) and nvcc."""
+    """CUDA parts only with a CUDA torch (a CPU torch has no libc10_cuda to link) and a CUDA toolkit."""
     if os.environ.get("MF_KERNELS_NO_CUDA", "0") not in ("", "0"):
         return False
     return torch_has_cuda() and nvcc_available()
@@ -124,9 +207,16 @@ def flags(with_cuda: bool) -> dict[str, list[str]]:
     nvcc: list[str] = []
     if with_cuda:
         cxx.append("-DMF_WITH_CUDA")
-        nvcc = ["-O3", "-DMF_WITH_CUDA", "-lineinfo"]
-        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+        nvcc = ["-O3", "-DMF_WITH_CUDA", "-lineinfo", *cuda_arch_flags()]
     return {"cxx": cxx, "nvcc": nvcc, "ld": ld}
+
+
+def cuda_arch_flags(archs: tuple[int, ...] = CUDA_ARCHS) -> list[str]:
+    """nvcc -gencode flags: SASS for every arch in `archs`, and PTX for the newest, so that a GPU newer than
+    all of them JIT-compiles the kernels instead of failing with "no kernel image is available"."""
+    newest = max(archs)
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs] + [
+        f"-gencode=arch=compute_{newest},code=compute_{newest}"]
 
 
 def setuptools_extension():
@@ -134,9 +224,11 @@ def setuptools_extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     with_cuda = build_with_cuda()
+    if with_cuda:
+        use_cuda_home()
     f = flags(with_cuda)
     generated = write_build_info_header(REPO_ROOT / "build" / "generated" / "setup", "setup.py", with_cuda)
-    sources = [os.path.relpath(s, REPO_ROOT) for s in cpu_sources() + (cuda_sources() if with_cuda else [])]
+    sources = [os.path.relpath(s, REPO_ROOT) for s in extension_sources(with_cuda)]
     include_dirs = [str(CSRC), str(generated)]
     if with_cuda:
         return CUDAExtension(EXTENSION_NAME, sources, include_dirs=include_dirs,
@@ -165,10 +257,12 @@ def jit_build(verbose: bool = False):
     from torch.utils.cpp_extension import load
 
     with_cuda = build_with_cuda()
+    if with_cuda:
+        use_cuda_home()
     f = flags(with_cuda)
     build_dir = jit_build_dir()
     generated = write_build_info_header(build_dir / "generated", "jit", with_cuda)
-    return load(name=JIT_NAME, sources=cpu_sources() + (cuda_sources() if with_cuda else []),
+    return load(name=JIT_NAME, sources=extension_sources(with_cuda),
                 extra_cflags=f["cxx"], extra_cuda_cflags=f["nvcc"] or None, extra_ldflags=f["ld"],
                 extra_include_paths=[str(CSRC), str(generated)], build_directory=str(build_dir),
                 with_cuda=with_cuda, verbose=verbose)

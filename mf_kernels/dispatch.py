@@ -449,12 +449,39 @@ def triton_environment(kernels_module: str) -> Callable[[str], list[str]]:
         if device_type == "cpu":
             if not interpreted:
                 return ["CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before the kernels are imported)"]
-            return []
+            return interpreter_version_reasons()
         if interpreted:
             return ["the Triton kernels were imported in interpreter mode (TRITON_INTERPRET=1), which runs CPU tensors only"]
         return cuda_capability_reasons(min_capability=(7, 5), who="Triton")
 
     return environment
+
+
+def _release(distribution: str) -> tuple[int, ...] | None:
+    """The (major, minor, ...) release of an installed distribution, or None."""
+    import re
+    from importlib import metadata
+
+    try:
+        match = re.match(r"\d+(\.\d+)*", metadata.version(distribution))
+    except metadata.PackageNotFoundError:
+        return None
+    return tuple(int(n) for n in match.group(0).split(".")) if match else None
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_version_reasons() -> list[str]:
+    """Known-broken (triton, numpy) pairs for the Triton interpreter; [] when the pair here is fine.
+
+    Triton before 3.7 converts a one-element array with `int()` when an interpreted `range` loop has a
+    run-time bound; numpy 2.4 made that a TypeError (triton-lang/triton#9171). Checked here: triton 3.6.0
+    with numpy 2.4.x fails, with numpy 2.3.5 passes; triton 3.7.0 and 3.8.0 have the fix."""
+    triton_release, numpy_release = _release("triton"), _release("numpy")
+    if triton_release and numpy_release and triton_release[:2] < (3, 7) and numpy_release[:2] >= (2, 4):
+        versions = f"triton {'.'.join(map(str, triton_release))} with numpy {'.'.join(map(str, numpy_release))}"
+        return [f"the Triton interpreter of {versions} fails on loops with a run-time bound (int() of a one-element "
+                "array, an error since numpy 2.4): install numpy<2.4 or triton>=3.7"]
+    return []
 
 
 def cuda_capability_reasons(min_capability: tuple[int, int], who: str) -> list[str]:

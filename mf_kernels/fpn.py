@@ -20,7 +20,7 @@ Implementations (`mf_kernels.dispatch` picks one; what each accepts: `mf_kernels
              conv followed by the fused upsample-add kernel instead
   cpp        csrc/fpn.cpp (OpenMP) through `mf_kernels._C`; the lateral op is oneDNN's folded conv with
              the C++ upsample-add done in place on its output
-  cuda       csrc/fpn.cu: an upsample-add kernel and a WMMA (tensor core, fp16) GEMM with the add in its
+  cuda       csrc/fpn_cuda.cu: an upsample-add kernel and a WMMA (tensor core, fp16) GEMM with the add in its
              epilogue, bound through `mf_kernels._C`
 On sm_75 (the T4) auto takes the lateral op's cuda backend before triton for fp16: an `AutoPreference`
 resting on the roofline at the end of this file (`t4_decision`), which `python -m mf_kernels.info` shows.
@@ -189,7 +189,7 @@ fpn_upsample_add.register(
 fpn_upsample_add.register(
     "cuda", _differentiable(_cuda_upsample_add), devices=("cuda",), dtypes=CUDA_DTYPES,
     environment=dispatch.extension_environment, check=size_reasons,
-    description="CUDA strided upsample-add kernel (csrc/fpn.cu)")
+    description="CUDA strided upsample-add kernel (csrc/fpn_cuda.cu)")
 
 # Why sm_75 prefers the cuda backend, in one line (the floors behind it: `t4_decision()`, `python -m
 # mf_kernels.roofline`; kept out of import time, which must not import the roofline module).
@@ -213,7 +213,7 @@ fpn_lateral_upsample_add.register(
 fpn_lateral_upsample_add.register(
     "cuda", _cuda_lateral_upsample_add, devices=("cuda",), dtypes=CUDA_DTYPES,
     environment=dispatch.extension_environment, check=lateral_reasons,
-    description="fp16: WMMA tensor-core GEMM with the upsample-add epilogue (csrc/fpn.cu); fp32: cuDNN conv + "
+    description="fp16: WMMA tensor-core GEMM with the upsample-add epilogue (csrc/fpn_cuda.cu); fp32: cuDNN conv + "
                 "CUDA upsample-add in place")
 fpn_lateral_upsample_add.prefer(dispatch.AutoPreference(
     device="cuda", dtypes=(torch.float16,), below=(8, 0), order=("cuda", "triton", "reference"),

@@ -69,13 +69,14 @@ def fpn_upsample_add_kernel(
 def fpn_lateral_upsample_add_kernel(
     x_ptr,  # [B, K, P] via (stride_xb, stride_xk, stride_xp): the backbone feature, K = Cin
     w_ptr,  # [N, K] via (stride_wn, stride_wk): BN-folded 1x1 weight, same dtype as x
-    bias_ptr,  # [N] fp32: BN-folded bias
+    bias_ptr,  # [N] fp32 via stride_bn: BN-folded bias
     coarse_ptr,  # [B, N, h, w] via (stride_cb, stride_cn, stride_ch, stride_cw), dtype of x
     out_ptr,  # [B, N, P] via (stride_ob, stride_on, stride_op), dtype of x
     P, W, K, N, h, w,
     scale_h, scale_w,  # fp32: h / H and w / W as PyTorch computes them
     stride_xb, stride_xk, stride_xp,
     stride_wn, stride_wk,
+    stride_bn,
     stride_cb, stride_cn, stride_ch, stride_cw,
     stride_ob, stride_on, stride_op,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -111,7 +112,7 @@ def fpn_lateral_upsample_add_kernel(
     col = offs_m - row * W
     src = _nearest_src(row, scale_h, h) * stride_ch + _nearest_src(col, scale_w, w) * stride_cw
     mask = mask_m[:, None] & mask_n[None, :]
-    bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+    bias = tl.load(bias_ptr + offs_n * stride_bn, mask=mask_n, other=0.0)
     coarse = tl.load(coarse_ptr + b * stride_cb + offs_n[None, :] * stride_cn + src[:, None], mask=mask, other=0.0)
     out = acc + bias[None, :] + coarse.to(tl.float32)
     tl.store(out_ptr + b * stride_ob + offs_n[None, :] * stride_on + offs_m[:, None] * stride_op,
@@ -169,14 +170,16 @@ def gemm_configs(arch: int, dtype: torch.dtype) -> list[GemmConfig]:
     `mf_kernels.fpn.t4_decision`), but a forced call must still compile without spills.
     sm_80+: tensor cores; 128x128 tiles where there are enough of them to fill the SMs, smaller otherwise
     (res4 at 640² is only 1600 pixels); fp32 stages fewer buffers (twice the bytes per stage); 64x128
-    takes 8 warps (4 spill in fp32 IEEE).
+    takes 8 warps (4 spill in fp32 IEEE), and so does fp32's 64x64 (with 4 warps its IEEE dot spills 4
+    bytes on sm_90 under triton 3.6, whose ptxas holds it to 96 registers; 8 warps need 78).
     """
     if arch < 80:
         return [GemmConfig(64, 64, 16 if dtype == torch.float16 else 32, num_warps=8, num_stages=1)]
-    stages = 3 if dtype == torch.float16 else 2
+    fp16 = dtype == torch.float16
+    stages = 3 if fp16 else 2
     return [GemmConfig(128, 128, 32, num_warps=8, num_stages=stages),
             GemmConfig(64, 128, 32, num_warps=8, num_stages=stages),
-            GemmConfig(64, 64, 32, num_warps=4, num_stages=stages)]
+            GemmConfig(64, 64, 32, num_warps=4 if fp16 else 8, num_stages=stages)]
 
 
 def gemm_config_for(arch: int, sm_count: int, dtype: torch.dtype, batch: int, pixels: int, cout: int) -> GemmConfig:
@@ -289,7 +292,7 @@ def plan_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: torch
                          P=pixels, W=width, K=cin, N=cout, h=h, w=w,
                          scale_h=nearest_scale(h, height), scale_w=nearest_scale(w, width),
                          stride_xb=x_strides[0], stride_xk=x_strides[1], stride_xp=x_strides[2],
-                         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                         stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_bn=bias.stride(0),
                          stride_cb=coarse.stride(0), stride_cn=coarse.stride(1), stride_ch=coarse.stride(2),
                          stride_cw=coarse.stride(3),
                          stride_ob=out_strides[0], stride_on=out_strides[1], stride_op=out_strides[2],

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import dispatch
+from . import build, dispatch
 
 
 def _version(package: str) -> str:
@@ -46,6 +46,8 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "cuda": cuda_summary(),
+        "CUDA toolkit": build.cuda_home() or "none found (bin/nvcc with include/cuda_runtime.h; $CUDA_HOME, PATH, "
+                                            "/usr/local/cuda)",
         "extension mf_kernels._C": extension_summary(),
         "kernels choice": f"{dispatch.current_choice()} (${dispatch.ENV_VAR}, mf_kernels.use, model kernels=)",
     }

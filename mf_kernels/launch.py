@@ -51,7 +51,12 @@ class Launch:
 
     def run(self) -> None:
         device = next((a.device for a in self.args.values() if isinstance(a, torch.Tensor) and a.is_cuda), None)
-        if device is None:
+        if device is None:  # CPU tensors: the Triton interpreter, which some (triton, numpy) pairs break
+            from .dispatch import interpreter_version_reasons
+
+            reasons = interpreter_version_reasons()
+            if reasons:
+                raise RuntimeError(f"{getattr(self.kernel, '__name__', 'kernel')}: {reasons[0]}")
             self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
             return
         with torch.cuda.device(device):

@@ -13,6 +13,7 @@ compiled kernels run), so on a GPU machine the same tests run the compiled kerne
 from __future__ import annotations
 
 import os
+import importlib.util
 import warnings
 
 import pytest
@@ -71,6 +72,12 @@ def require_backend(request):
                 pytest.skip("; ".join(reasons))
 
     return require
+
+
+def requires(module: str) -> pytest.MarkDecorator:
+    """Skip the test, with its name in the report, where the optional `module` (e.g. pycocotools) is missing."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"needs {module}, which is not installed (pip install {module})")
 
 
 def tiny_config(**overrides) -> fai_mf.MaskFormerConfig:

@@ -6,16 +6,20 @@ tests), with TRITON_ALWAYS_COMPILE=1 and a fresh cache so that a cached kernel c
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import resource
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from mf_kernels.aot import SHARED_LIMITS, Result, check_limits
+from mf_kernels import aot
+from mf_kernels.aot import SHARED_LIMITS, AotSpec, Result, check_limits
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = {"_attend_bits_kernel", "_split_attention_kernel", "_combine_splits_kernel"}
@@ -116,3 +120,29 @@ def test_limits_flag_spills_and_shared_memory():
     assert not result(75, 64 * 1024 + 1, 0).ok
     assert result(80, 96 * 1024, 0).ok
     assert "spills" in result(90, 0, 8).errors[0]
+
+
+def test_a_crashing_or_hanging_compile_is_a_failed_row_and_the_others_finish(monkeypatch):
+    """One compile aborts its process, one hangs: each is reported as a failure of its own, the rest complete
+    (a multiprocessing pool would wait forever for the task of the worker that died)."""
+
+    def fake_compile(op: str, spec: AotSpec, arch: int) -> Result:
+        if spec.kernel == "aborts":
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+            faulthandler.disable()  # and no traceback from pytest's handler, inherited by the fork
+            os.abort()
+        if spec.kernel == "hangs":
+            time.sleep(60)
+        return Result(op, spec.kernel, arch, spec.config(), spec.dtype, registers=8, spill_stores=0, spill_loads=0,
+                      shared=0)
+
+    names = ["ok_a", "aborts", "hangs", "ok_b", "ok_c"]
+    monkeypatch.setattr(aot, "_JOBS", [("op", 75, AotSpec(n, None, {}, {}, {}, 1, 1, "fp32")) for n in names])
+    monkeypatch.setattr(aot, "compile_spec", fake_compile)
+    start = time.monotonic()
+    results = aot.run_jobs(jobs=2, timeout=2.0)
+    assert time.monotonic() - start < 30
+    assert [r.kernel for r in results] == names
+    assert [r.ok for r in results] == [True, False, False, True, True]
+    assert "crashed" in results[1].errors[0] and "SIGABRT" in results[1].errors[0]
+    assert "timed out after 2 s" in results[2].errors[0]

@@ -52,7 +52,7 @@ def test_sources_split_cpu_and_cuda():
     cpu = [p.rsplit("/", 1)[-1] for p in build.cpu_sources()]
     cuda = [p.rsplit("/", 1)[-1] for p in build.cuda_sources()]
     assert "bindings.cpp" in cpu and "postprocess.cpp" in cpu and "encode.cpp" in cpu
-    assert "postprocess.cu" in cuda and "cuda_bindings.cpp" in cuda
+    assert "postprocess_cuda.cu" in cuda and "cuda_bindings.cpp" in cuda
     assert not set(cpu) & set(cuda)
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import fai_mf.evaluate as evaluate
+from conftest import requires
 from fai_mf.data import (CocoInstanceDataset, SemanticSegDataset, collate, decode_segmentation, load_dataset,
                          make_synthetic_dataset)
 
@@ -18,6 +19,7 @@ def synth(tmp_path_factory):
     return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), n=6, n_val=3, size=48, seed=2)
 
 
+@requires("pycocotools")
 def test_synthetic_dataset_is_written_in_both_formats(synth):
     for split, n in (("train", 6), ("val", 3)):
         root = synth[split]
@@ -48,6 +50,7 @@ def _write_png(path, array):
     Image.fromarray(array).save(path)
 
 
+@requires("pycocotools")
 def test_coco_polygon_and_rle_segmentations(tmp_path):
     from pycocotools import mask as mask_utils
 
@@ -144,6 +147,7 @@ def _ground_truth_queries(sample, num_queries=6, num_classes=3):
     return probs, classes
 
 
+@requires("pycocotools")
 def test_perfect_predictions_score_100(synth, monkeypatch):
     inst = load_dataset(synth["val"] / "instances.json")
     sem = load_dataset(synth["val"])

@@ -7,7 +7,6 @@ sources' compile check.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -174,6 +173,21 @@ def test_lateral_upsample_add_parity(backend, device, dtype, require_backend):
         _check_lateral(mf_kernels.fpn_lateral_upsample_add(cl, weight, bias, coarse), x, weight, bias, coarse)
 
 
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_lateral_upsample_add_strided_weight_and_bias(backend, device, require_backend):
+    """weight and bias as strided views (every other column / element of a larger tensor): the kernels take
+    their strides, so they neither read the neighbours nor past the end of the bias."""
+    require_backend(backend)
+    x, weight, bias, coarse = LATERAL_CASES[1].lateral_inputs(torch.float32, device, generator(8))
+    wide_weight = torch.stack([weight, torch.full_like(weight, 1e4)], dim=2).flatten(1)  # [Cout, 2 Cin]
+    wide_bias = torch.stack([bias, torch.full_like(bias, 1e4)], dim=1).flatten()  # [2 Cout]
+    strided_weight, strided_bias = wide_weight[:, ::2], wide_bias[::2]
+    assert strided_bias.stride(0) == 2 and torch.equal(strided_bias, bias) and torch.equal(strided_weight, weight)
+    with mf_kernels.use(backend):
+        out = mf_kernels.fpn_lateral_upsample_add(x, strided_weight, strided_bias, coarse)
+    _check_lateral(out, x, weight, bias, coarse)
+
+
 @pytest.mark.parametrize("device", device_params("triton"))
 @pytest.mark.parametrize("arch", [75, 80])
 def test_lateral_triton_gemm_configs(arch, device):
@@ -320,7 +334,7 @@ def test_pixel_decoder_reference_is_the_unfused_model():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Registration, roofline, AOT specs, CUDA sources
+# Registration, roofline, AOT specs
 
 
 def test_registered_backends_and_t4_decision():
@@ -389,17 +403,3 @@ def test_aot_specs_cover_both_kernels_within_t4_limits():
     for kernel, dtype, bm, bn, bk, stages in specs["75"]:
         if kernel == "fpn_lateral_upsample_add_kernel":  # A + B tiles per stage within the T4's 64 KB
             assert (bm + bn) * bk * (4 if dtype == "fp32" else 2) * max(1, stages) <= 64 * 1024
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_fpn_cu_compiles_for_t4_a100_h100_without_spills(tmp_path):
-    procs = {arch: subprocess.Popen(["nvcc", f"-arch=sm_{arch}", "-O3", "-Xptxas", "-v", "-c",
-                                     str(REPO / "csrc" / "fpn.cu"), "-o", str(tmp_path / f"fpn_{arch}.o")],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for arch in (75, 80, 90)}
-    for arch, proc in procs.items():
-        log = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, f"sm_{arch}:\n{log}"
-        spills = [line for line in log.splitlines() if "spill" in line and not line.strip().startswith("0 bytes")]
-        assert not [s for s in spills if " 0 bytes spill stores, 0 bytes spill loads" not in s], log
-        assert log.count("Compiling entry function") == 3, log  # upsample-add f32/f16 + the WMMA GEMM

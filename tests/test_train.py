@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 import fai_mf
 import mf_kernels
-from conftest import tiny_config
+from conftest import requires, tiny_config
 from fai_mf import cli
 from fai_mf.data import load_dataset, make_synthetic_dataset
 from fai_mf.losses import FixedPoints
@@ -47,6 +47,7 @@ def _options(**kw) -> TrainOptions:
     return TrainOptions(**base)
 
 
+@requires("pycocotools")
 def test_checkpoint_loads_and_resume_equals_an_uninterrupted_run(synth, tmp_path):
     ds = load_dataset(synth["train"] / "instances.json", flip=True)
     full = _tiny_model()
@@ -111,6 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@requires("pycocotools")
 def test_two_process_ddp_equals_one_process_with_the_global_batch(synth, tmp_path):
     data = str(synth["train"] / "instances.json")
     single = _deterministic(_tiny_model())
@@ -131,6 +133,7 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(synth, tmp_pat
 
 
 # ---- CLI and learning --------------------------------------------------------------------------
+@requires("pycocotools")
 def test_cli_data_train_eval(tmp_path, capsys):
     assert cli.main(["data", "synth", "--out", str(tmp_path / "d"), "--n", "4", "--n-val", "2", "--size", "64"]) == 0
     config = tiny_config(criterion_num_points=64).to_dict()
@@ -152,6 +155,7 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
 
 
+@requires("pycocotools")
 def test_trained_model_loads_and_predict_finds_the_shapes(tmp_path):
     """A tiny model fitted to two images finds each shape with its class (the quick-start path)."""
     splits = make_synthetic_dataset(tmp_path / "d", n=2, n_val=1, size=64, min_shapes=2, max_shapes=2, seed=1)

@@ -73,7 +73,7 @@ mask_postprocess.register(
 mask_postprocess.register(
     "cuda", native.mask_postprocess_cuda, devices=("cuda",), dtypes=CUDA_DTYPES,
     environment=dispatch.extension_environment, check=limits.cuda_stats_reasons,
-    description="CUDA stats + ballot bit masks (csrc/postprocess.cu); RLE counts and crops on the host from the "
+    description="CUDA stats + ballot bit masks (csrc/postprocess_cuda.cu); RLE counts and crops on the host from the "
                 "bit masks")
 
 semantic_label_map = dispatch.define_op("semantic_label_map", semantic_label_map_ref, limits.semantic_inputs_of)

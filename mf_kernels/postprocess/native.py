@@ -3,7 +3,7 @@
 cpp  (csrc/postprocess.cpp, csrc/encode.cpp): one column-major pass per query that thresholds, counts the
      RLE runs and cuts the crop at once; the ownership map parallel over columns; the semantic argmax
      from stride-4 class maps; the host encoders (RLE strings, PNG files).
-cuda (csrc/postprocess.cu): stats and ballot bit masks on the device; RLE counts and crops on the host
+cuda (csrc/postprocess_cuda.cu): stats and ballot bit masks on the device; RLE counts and crops on the host
      from one copy of the bits (`bits.host_outputs_from_bits`).
 Whether the extension loads (and has CUDA) is `mf_kernels._cpp_lib`'s answer, asked by the dispatcher
 (`dispatch.extension_environment`); these shims only call it.

@@ -431,9 +431,12 @@ class Progress:
         self.started = self._last = time.perf_counter()
         self._bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+            try:
+                from tqdm import tqdm
+            except ImportError:  # optional: without it a terminal gets the plain periodic lines
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
 
     def update(self, failed: bool = False) -> None:
         self.done += 1

@@ -6,7 +6,8 @@ Per image, the cost of assigning query q to target t is
 
 with BCE and dice measured on one shared set of `num_points` uniform random points (the same
 points for every query and target of the image), in fp32 and without gradients. The assignment
-minimising the total cost is solved with scipy's `linear_sum_assignment`.
+minimising the total cost is solved with scipy's `linear_sum_assignment` (imported when the first
+assignment is solved: scipy is a training dependency, and inference builds the criterion without it).
 
 Point coordinates follow `losses.point_sample`: normalised (x, y) in [0, 1] over the extent of the
 stride-4 prediction; ground-truth masks are zero-padded to that extent first (`pad_to_prediction`).
@@ -18,7 +19,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 # mask logits [N, 1, h, w] -> point coordinates [N, P, 2], (x, y) in [0, 1]
 PointSampler = Callable[[torch.Tensor], torch.Tensor]
@@ -98,6 +98,10 @@ def solve_assignment(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     min(Q, N) pairs, sorted by query index; int64 CPU tensors.
     """
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as exc:
+        raise ImportError("Hungarian matching (training) needs scipy: pip install scipy") from exc
     cost_np = cost.detach().cpu().double().numpy()
     if not np.isfinite(cost_np).all():
         raise ValueError("matching cost has NaN or inf entries (non-finite model outputs?)")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, MaskFormerConfig
+from ..losses import MaskFormerCriterion
 from .pixel_decoder import PixelDecoder
 from .transformer_decoder import LayerPrediction, MultiScaleMaskedTransformerDecoder
 
@@ -33,7 +34,6 @@ class MaskFormerHead(nn.Module):
 
     def __init__(self, config: MaskFormerConfig):
         super().__init__()
-        from ..losses import MaskFormerCriterion  # losses import scipy; keep it out of the module import
 
         self.predictor = MultiScaleMaskedTransformerDecoder(
             in_channels=config.pixel_decoder_feat_dim,

@@ -1,6 +1,6 @@
 // FPN top-down step on CUDA (SPEC §4.2). Plain CUDA, no torch headers: the launchers (declared in fpn.h)
 // take raw device pointers, strides in elements and the stream as an integer; cuda_bindings.cpp wraps
-// them for torch tensors. Builds with `nvcc -arch=sm_75|80|90 -c fpn.cu`.
+// them for torch tensors. Builds with `nvcc -arch=sm_75|80|90 -c fpn_cuda.cu`.
 //
 // 1. `upsample_add_kernel`: out = lateral + nearest_upsample(coarse), one thread per output element,
 //    consecutive threads along the contiguous axis (pixels for NCHW, channels for channels_last).
