@@ -9,7 +9,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.8.0
 PY := $(VENV)/bin/python
-DEPS := numpy scipy pycocotools pillow matplotlib pytest pytest-benchmark ninja "setuptools>=77" wheel
+# onnx + onnxruntime: the ONNX export and its ONNX Runtime check (`fai-mf export`, the onnxruntime runtime)
+ONNX_DEPS := onnx==1.23.2 onnxruntime==1.31.1
+DEPS := numpy scipy pycocotools pillow matplotlib pytest pytest-benchmark ninja "setuptools>=77" wheel $(ONNX_DEPS)
 
 ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
