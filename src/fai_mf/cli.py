@@ -8,7 +8,8 @@ import logging
 import sys
 
 # module -> it defines `register(subparsers)` adding one or more subcommands
-_SUBCOMMAND_MODULES = ["fai_mf.demo", "fai_mf.predict", "fai_mf.data", "fai_mf.train", "fai_mf.evaluate", "fai_mf.bench_cli"]
+_SUBCOMMAND_MODULES = ["fai_mf.demo", "fai_mf.predict", "fai_mf.data", "fai_mf.train", "fai_mf.evaluate", "fai_mf.bench_cli",
+                       "fai_mf.export_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
