@@ -435,7 +435,10 @@ def format_table(report: dict[str, Any]) -> str:
     if len(runs) > 1:
         lines.append(f"speed-up {runs[-1]['kernels']} vs reference: end to end {report['speedup_end_to_end']:.2f}x, "
                      f"model {report['speedup_model']:.2f}x")
-    for label, a in (report.get("agreements") or {"": report["agreement"]} if report["agreement"] else {}).items():
+    agreements = report.get("agreements") or ({"": report["agreement"]} if report["agreement"] else {})
+    if len(agreements) == 1:  # reference vs one choice: no label needed
+        agreements = {"": next(iter(agreements.values()))}
+    for label, a in agreements.items():
         lines.append(f"outputs agree{' (' + label + ')' if label else ''}: {'YES' if a['ok'] else 'NO'} (detections "
                      f"{a['detections_reference']} vs {a['detections_fused']}, same classes {a['same_classes']}, min mask "
                      f"IoU {a['min_mask_iou']:.4f}, max |dscore| {a['max_score_diff']:.2e}, max |dmask logit| "
