@@ -163,9 +163,12 @@ def test_compiled_fused_forward_is_one_graph_with_the_custom_ops(encoder_model, 
     images = rt.example_images(m, 1, 67, 45)
     expected = eager_outputs(m, images, "auto")
     forward = rt.CompiledForward(m.model, backend=counting_backend)
-    with rt.installed(m.model, forward), torch.inference_mode(), mf_kernels.use("auto"):
-        raw = m.model.forward_raw(images)
-    assert len(graphs) == 1, f"{len(graphs)} graphs: graph breaks in the fused forward"
+    with rt.installed(m.model, forward), torch.inference_mode():
+        for _ in range(2):  # set_kernels registers new hooks: the compiled graph must not depend on them
+            m.set_kernels("auto")
+            raw = m.model.forward_raw(images)
+    m.set_kernels(None)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: graph breaks (or a recompile) in the fused forward"
     targets = {str(n.target) for n in graphs[0].graph.nodes}
     assert {"mf_kernels.masked_cross_attention.default", "mf_kernels.fpn_lateral_upsample_add.default"} <= targets
     assert_outputs_close((raw.class_logits, raw.mask_logits), expected, atol=1e-5)
@@ -243,6 +246,11 @@ def test_profiler_runs_runtimes_side_by_side(onnx_export, encoder_model, extensi
     assert ort_run["stage_ms"]["backbone"] is None and ort_run["stage_ms"]["postprocess"] > 0
     assert set(report["agreements"]) == {"auto", "onnxruntime:auto"} and report["agreement"]["ok"]
     assert "onnxruntime:auto" in format_table(report)
+
+
+def test_auto_runtime_is_onnxruntime_on_cpu_where_installed():
+    assert rt.auto_runtime(torch.device("cpu")) == ("onnxruntime" if not rt.onnxruntime_reasons() else "torch")
+    assert rt.auto_runtime(torch.device("cuda")) == "torch"
 
 
 def test_bad_runtime_is_named(encoder_model):

@@ -39,6 +39,8 @@ def run_roofline(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .runtime import RUNTIMES
+
     bench = subparsers.add_parser("bench", help="profile FPS or print the roofline")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
@@ -49,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fps.add_argument("--batch", type=int, default=1)
     fps.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     fps.add_argument("--kernels", default="auto", help="auto|reference|triton|cpp|cuda|sdpa (compared with reference)")
-    fps.add_argument("--runtime", nargs="+", choices=["torch", "compile", "onnxruntime"], default=["torch"],
+    fps.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=["torch"],
                      help="forward runtimes side by side: eager torch, torch.compile, ONNX Runtime (see fai_mf.runtime)")
     fps.add_argument("--iters", type=int, default=10)
     fps.add_argument("--warmup", type=int, default=2)

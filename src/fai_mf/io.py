@@ -125,7 +125,7 @@ class FAIMFModel:
         return current_runtime(self.model)
 
     def set_runtime(self, runtime: str, **options: Any) -> FAIMFModel:
-        """Run the forward with `runtime` = "torch" | "compile" | "onnxruntime" (see `fai_mf.runtime`);
+        """Run the forward with `runtime` = "torch" | "compile" | "onnxruntime" | "auto" (see `fai_mf.runtime`);
         options go to `fai_mf.runtime.CompiledForward` / `OnnxForward.from_model`."""
         from .runtime import set_runtime
 
@@ -164,7 +164,9 @@ def load_model(source: str | os.PathLike, weights: str | os.PathLike | None = No
     `kernels` pins the backend of the model's fused ops ("auto", "reference", "triton", "cpp", "cuda",
     "sdpa"; see `FAIMFModel.set_kernels`); None follows `mf_kernels.use` / $MF_KERNELS / "auto".
     `compile=True` is `runtime="compile"`: the forward runs `torch.compile`d with the fused kernels;
-    `runtime="onnxruntime"` exports it to ONNX and runs it with ONNX Runtime (see `fai_mf.runtime`).
+    `runtime="onnxruntime"` exports it to ONNX and runs it with ONNX Runtime; `runtime="auto"` takes ONNX
+    Runtime on CPU where it is installed (its forward is the fastest there), else eager torch (see
+    `fai_mf.runtime`).
     `config_overrides` replace config fields (unknown names are an error).
     """
     if kernels is not None:

@@ -31,11 +31,12 @@ import torch
 
 import mf_kernels
 
+from .runtime import RUNTIMES, installed, make_runtime
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("backbone", "pixel_decoder", "transformer_decoder", "postprocess")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-RUNTIMES = ("torch", "compile", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,6 @@ def run_interleaved(m, images: torch.Tensor, postprocess: Callable, choices: lis
     """Profile `m` with each kernels choice (a str, or a `Variant` with its runtime) on `images`,
     interleaving the choices iteration by iteration so that a change of machine load hits them alike
     (medians of `iters` samples each)."""
-    from .runtime import installed, make_runtime
-
     device = images.device
     timer = Timer(device)
     eager_stages = _stage_fns(m, images, postprocess)
@@ -380,8 +379,6 @@ def profile(model: str, weights: str | None = None, resolution: int = 640, batch
     if random_weights:
         notes += make_random_model_realistic(m, images, keep=keep)
     postprocess = make_postprocess(m, (resolution, resolution), threshold=m.config.threshold)
-
-    from .runtime import installed, make_runtime
 
     outputs = {}
     variants = variants_for(kernels, tuple(runtimes), compare)

@@ -2,6 +2,7 @@
 
     m = fai_mf.load_model(src, compile=True)             # = runtime="compile": Inductor over the fused ops
     m = fai_mf.load_model(src, runtime="onnxruntime")    # the reference path exported to ONNX, run by ORT
+    m = fai_mf.load_model(src, runtime="auto")           # CPU: ONNX Runtime where installed, else eager torch
     m.set_runtime("torch")                               # back to eager
     m.predict(images)                                    # any runtime: our fused post-processing after it
 
@@ -47,15 +48,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "compile", "onnxruntime")
+CHOICES = ("auto",) + RUNTIMES
 ONNX_OPSET = 18
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("class_logits", "mask_logits")
 
 
 def validate_runtime(runtime: str) -> str:
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    if runtime not in CHOICES:
+        raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(CHOICES)}")
     return runtime
+
+
+def auto_runtime(device: torch.device) -> str:
+    """What runtime="auto" runs: on CPU, ONNX Runtime where it is installed (its forward measured fastest
+    here: the README's table), else eager torch; on CUDA eager torch with the fused kernels."""
+    if device.type == "cpu" and not onnxruntime_reasons():
+        return "onnxruntime"
+    if device.type == "cpu":
+        logger.info("runtime auto: eager torch on CPU because %s", "; ".join(onnxruntime_reasons()))
+    return "torch"
 
 
 def onnxruntime_reasons() -> list[str]:
@@ -77,7 +89,9 @@ def current_runtime(model: FAIMaskFormer) -> str:
 
 def set_runtime(m: "FAIMFModel", runtime: str, **options: Any) -> None:
     """Run `m.model.forward_raw` (eval mode) with `runtime`; options go to `CompiledForward` / `OnnxForward`."""
-    validate_runtime(runtime)
+    if validate_runtime(runtime) == "auto":
+        runtime = auto_runtime(m.device)
+        logger.info("runtime auto: %s", runtime)
     m.model.__dict__.pop(RUNTIME_ATTR, None)
     m.model.__dict__.get(_RUNTIMES_ATTR, {}).pop(runtime, None)  # afresh: weights may have changed
     forward = make_runtime(m, runtime, **options)
@@ -91,7 +105,9 @@ _RUNTIMES_ATTR = "_fai_mf_runtimes"
 def make_runtime(m: "FAIMFModel", runtime: str, **options: Any):
     """The runtime object of `runtime` for `m` (None for "torch"), created once per model and kept on it, so
     that switching back and forth (the profiler) does not compile or export again."""
-    if validate_runtime(runtime) == "torch":
+    if validate_runtime(runtime) == "auto":
+        runtime = auto_runtime(m.device)
+    if runtime == "torch":
         return None
     cache = m.model.__dict__.setdefault(_RUNTIMES_ATTR, {})
     if runtime not in cache:
@@ -166,10 +182,26 @@ class CompiledForward:
             if start is not None:  # an eager pass fills the folded-weight caches the trace takes as constants
                 with eager(self.model, kernels):
                     self.model.forward_raw(images)
-            out = self.compiled(self.model, images)
+            with _without_hooks(self.model):
+                out = self.compiled(self.model, images)
         if start is not None:
             self.compile_seconds[key] = time.perf_counter() - start
         return out
+
+
+@contextlib.contextmanager
+def _without_hooks(model: FAIMaskFormer) -> Iterator[None]:
+    """The compiled call sees the model without `mf_kernels.attach`'s hooks: Dynamo guards on a module's
+    hooks, and `set_kernels` registers new ones, which would recompile on every switch of kernels."""
+    pinned = mf_kernels.attached(model)
+    if pinned is None:
+        yield
+        return
+    mf_kernels.attach(model, None)
+    try:
+        yield
+    finally:
+        mf_kernels.attach(model, pinned)
 
 
 def explain(m: "FAIMFModel", images: torch.Tensor, kernels: str | None = None):

@@ -93,9 +93,10 @@ class FAIMaskFormer(nn.Module):
 
         In eval mode this runs the runtime installed by `fai_mf.runtime` (torch.compile, ONNX Runtime)
         when there is one; what it traces or exports is this eager body."""
-        runtime = self.__dict__.get(RUNTIME_ATTR)
-        if runtime is not None and not self.training and not torch.compiler.is_compiling():
-            return runtime(images)
+        if not torch.compiler.is_compiling() and not self.training:
+            runtime = self.__dict__.get(RUNTIME_ATTR)
+            if runtime is not None:
+                return runtime(images)
         predictions = self.forward_predictions(images, intermediate=self.training)
         last = predictions[-1]
         aux = predictions[:-1] if self.training else []
