@@ -265,15 +265,16 @@ def _(mask_logits: Tensor, class_probs: Tensor, height: int, width: int) -> Tens
 # What `dispatch.Op.__call__` runs while torch.compile / torch.export trace (same signature as the op)
 
 
-_eager_postprocess_with_host_outputs = torch.compiler.disable(
-    lambda *args, **kwargs: dispatch.OPS["mask_postprocess"].eager(*args, **kwargs))
+def _eager_postprocess(*args, **kwargs) -> MaskStats:
+    return dispatch.OPS["mask_postprocess"].eager(*args, **kwargs)
 
 
 def _traced_mask_postprocess(mask_logits: Tensor, image_size, mask_threshold: float = 0.5, *,
                              scores: Tensor | None = None, queries: Tensor | None = None, strict: bool = False,
                              rle: bool = False, crops: bool = False) -> MaskStats:
-    if rle or crops:  # host lists of data-dependent size: outside the graph
-        return _eager_postprocess_with_host_outputs(mask_logits, image_size, mask_threshold, scores=scores,
+    if rle or crops:  # host lists of data-dependent size: outside the graph (disable is applied here, when
+        # tracing: at import it would import torch._dynamo and so triton, before TRITON_INTERPRET is read)
+        return torch.compiler.disable(_eager_postprocess)(mask_logits, image_size, mask_threshold, scores=scores,
                                                     queries=queries, strict=strict, rle=rle, crops=crops)
     height, width = image_size
     areas, boxes, prob_sums = mask_postprocess(mask_logits, height, width, float(mask_threshold), bool(strict),
