@@ -14,7 +14,9 @@ PY := $(VENV)/bin/python
 OLD_TRITONS := triton==3.2.% triton==3.3.% triton==3.4.% triton==3.5.% triton==3.6.%
 NUMPY := $(if $(filter $(OLD_TRITONS),$(TRITON)),numpy<2.4,numpy)
 DEPS := scipy pillow pytest pytest-benchmark
-OPTIONAL_DEPS := pycocotools matplotlib tqdm ninja
+# onnx + onnxruntime: the ONNX export and its ONNX Runtime check (`fai-mf export`, the onnxruntime runtime)
+ONNX_DEPS := onnx==1.23.2 onnxruntime==1.31.1
+OPTIONAL_DEPS := pycocotools matplotlib tqdm ninja $(ONNX_DEPS)
 BUILD_DEPS := setuptools>=77 wheel
 quote = $(foreach p,$(1),'$(p)')
 GPU_CHECK_OUT ?= out/gpu-check

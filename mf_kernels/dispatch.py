@@ -26,6 +26,10 @@ the environment variable `MF_KERNELS`, else "auto".
   lists the reasons. If the op has no implementation for it at all (e.g. `cpp` for masked attention),
   the op runs its reference and says so once in the log, so that one model-wide flag can name a
   backend that covers only some of the ops.
+
+Under torch.compile / torch.export (`torch.compiler.is_compiling()`), a call goes to the op's
+torch.library custom op (`Op.traced`, see `mf_kernels.custom_ops`), whose kernel runs `Op.eager` (the
+selection above) when the graph runs; traced code reads the choice set by `tracing(backend)`.
 """
 from __future__ import annotations
 
@@ -152,8 +156,16 @@ class Implementation:
 _choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("mf_kernels_choice", default=None)
 
 
+# The choice that code traced by torch.compile / torch.export reads (Dynamo cannot trace a ContextVar, and
+# guards on this global, so another choice is another graph); set by `tracing`.
+_traced_choice: str | None = None
+
+
 def current_choice() -> str:
-    """The backend choice in force here: `use()`/model setting, else $MF_KERNELS, else "auto"."""
+    """The backend choice in force here: `use()`/model setting, else $MF_KERNELS, else "auto" (while
+    torch.compile / torch.export trace inside `tracing(backend)`: that backend)."""
+    if _traced_choice is not None and torch.compiler.is_compiling():
+        return _traced_choice
     choice = _choice.get()
     if choice is not None:
         return choice
@@ -173,6 +185,19 @@ def use(backend: str) -> Iterator[str]:
         yield backend
     finally:
         _choice.reset(token)
+
+
+@contextlib.contextmanager
+def tracing(backend: str) -> Iterator[str]:
+    """Trace (torch.compile, torch.export) and run with `backend`: what `fai_mf.runtime` wraps around a
+    compiled call, since traced code cannot read `use()`'s context variable (the model's hooks skip it)."""
+    global _traced_choice
+    previous, _traced_choice = _traced_choice, validate_choice(backend)
+    try:
+        with use(backend):
+            yield backend
+    finally:
+        _traced_choice = previous
 
 
 _HOOKS_ATTR = "_mf_kernels_hooks"
@@ -209,11 +234,15 @@ class _ChoiceHook:
         self.backend = backend
 
     def enter(self, module: torch.nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():  # traced code takes the choice from `tracing`
+            return
         stack = _hook_stacks.__dict__.setdefault("stack", [])
         stack.append(_choice.get())
         _choice.set(self.backend)
 
     def leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         stack = _hook_stacks.__dict__.get("stack")
         if stack:
             _choice.set(stack.pop())
@@ -270,6 +299,8 @@ class Op:
     implementations: dict[str, Implementation] = field(default_factory=dict)
     auto_preferences: list[AutoPreference] = field(default_factory=list)
     last_backend: str | None = None  # the backend of the latest call (profiling reports)
+    # what a call runs while torch.compile / torch.export trace: its torch.library custom op (`custom_ops`)
+    traced: Callable[..., Any] | None = None
     _selected: dict[tuple[str, Inputs], Implementation] = field(default_factory=dict, repr=False)
     _logged: set[tuple] = field(default_factory=set, repr=False)
 
@@ -290,6 +321,12 @@ class Op:
         return impl
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.traced is not None and torch.compiler.is_compiling() and current_choice() != "reference":
+            return self.traced(*args, **kwargs)  # one opaque graph node; its kernel calls `eager` at run time
+        return self.eager(*args, **kwargs)
+
+    def eager(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the implementation the current choice selects (the custom ops' kernels call this)."""
         choice = current_choice()
         if choice == "reference":  # the exact reference model: no inspection, no logging
             self.last_backend = "reference"

@@ -7,6 +7,7 @@ imports neither, so the two never import each other.
 - `*_inputs_of`: the dispatcher's view of a call. Sizes enter it only as "breaks int32 indexing or not",
   so the selection cache keeps a handful of keys whatever the image sizes.
 - `size_reasons` / `lateral_reasons`: the refusals of the fused backends.
+- `is_channels_last` / `output_like`: the output layout every fused backend (and its fake) follows.
 """
 from __future__ import annotations
 
@@ -90,3 +91,15 @@ def lateral_reasons(inputs: dispatch.Inputs) -> list[str]:
 def check_triton_dtype(dtype: torch.dtype, op: str) -> None:
     if dtype not in TRITON_DTYPES:
         raise ValueError(f"{op}[triton]: {dispatch.dtype_reason(dtype, TRITON_DTYPES)}")
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def output_like(t: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """An uninitialised [B, channels or C, H, W] tensor in t's memory format (NCHW or channels_last)."""
+    batch, c, height, width = t.shape
+    fmt = torch.channels_last if is_channels_last(t) else torch.contiguous_format
+    return torch.empty((batch, c if channels is None else channels, height, width), dtype=t.dtype, device=t.device,
+                       memory_format=fmt)

@@ -129,7 +129,7 @@ from dataclasses import dataclass  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from .fpn_limits import check_inputs, check_lateral_inputs, check_triton_dtype  # noqa: E402
+from .fpn_limits import check_inputs, check_lateral_inputs, check_triton_dtype, output_like  # noqa: E402
 from .launch import TRITON_DTYPE_NAMES as TL_DTYPES  # noqa: E402
 from .launch import Launch, arch_and_sms  # noqa: E402
 from .launch import fp32_ratio as nearest_scale  # noqa: E402
@@ -202,18 +202,6 @@ def input_precision(arch: int, dtype: torch.dtype) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # Launch plans and launchers
-
-
-def is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def output_like(t: torch.Tensor, channels: int | None = None) -> torch.Tensor:
-    """An uninitialised [B, channels or C, H, W] tensor in t's memory format (NCHW or channels_last)."""
-    batch, c, height, width = t.shape
-    fmt = torch.channels_last if is_channels_last(t) else torch.contiguous_format
-    return torch.empty((batch, c if channels is None else channels, height, width), dtype=t.dtype, device=t.device,
-                       memory_format=fmt)
 
 
 def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:

@@ -14,7 +14,8 @@ def run_fps(args: argparse.Namespace) -> int:
 
     report = profile(args.model, weights=args.weights, resolution=args.resolution, batch=args.batch,
                      dtype=args.dtype, kernels=args.kernels, iters=args.iters, warmup=args.warmup,
-                     cuda_graphs=args.cuda_graphs, device=args.device, compare=not args.no_compare)
+                     cuda_graphs=args.cuda_graphs, device=args.device, compare=not args.no_compare,
+                     runtimes=tuple(args.runtime))
     print(format_table(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +42,8 @@ def run_roofline(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .runtime import RUNTIMES
+
     bench = subparsers.add_parser("bench", help="profile FPS or print the roofline")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
@@ -51,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fps.add_argument("--batch", type=positive_int, default=1)
     fps.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     fps.add_argument("--kernels", default="auto", help="auto|reference|triton|cpp|cuda|sdpa (compared with reference)")
+    fps.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=["torch"],
+                     help="forward runtimes side by side: eager torch, torch.compile, ONNX Runtime (see fai_mf.runtime)")
     fps.add_argument("--iters", type=positive_int, default=10)
     fps.add_argument("--warmup", type=non_negative_int, default=2)
     fps.add_argument("--cuda-graphs", action="store_true", help="replay the model as a CUDA graph (CUDA only)")

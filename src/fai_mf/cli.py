@@ -21,7 +21,7 @@ from .io import CheckpointError
 
 # module -> it defines `register(subparsers)` adding one or more subcommands
 _SUBCOMMAND_MODULES = ["fai_mf.demo", "fai_mf.predict_cli", "fai_mf.data", "fai_mf.train", "fai_mf.evaluate",
-                       "fai_mf.bench_cli"]
+                       "fai_mf.bench_cli", "fai_mf.export_cli"]
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (OSError, ValueError, CheckpointError, mf_kernels.NotSupportedError)
 

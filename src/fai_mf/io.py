@@ -117,6 +117,21 @@ class FAIMFModel:
         mf_kernels.attach(self.model, kernels)
         return self
 
+    @property
+    def runtime(self) -> str:
+        """How `model.forward_raw` runs in eval mode: "torch" (eager), "compile" or "onnxruntime"."""
+        from .runtime import current_runtime
+
+        return current_runtime(self.model)
+
+    def set_runtime(self, runtime: str, **options: Any) -> FAIMFModel:
+        """Run the forward with `runtime` = "torch" | "compile" | "onnxruntime" | "auto" (see `fai_mf.runtime`);
+        options go to `fai_mf.runtime.CompiledForward` / `OnnxForward.from_model`."""
+        from .runtime import set_runtime
+
+        set_runtime(self, runtime, **options)
+        return self
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write a focoos-format model directory (model_info.json + model_final.pth)."""
         directory = Path(directory)
@@ -149,16 +164,28 @@ class FAIMFModel:
 
 
 def load_model(source: str | os.PathLike, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-               kernels: str | None = None, **config_overrides: Any) -> FAIMFModel:
+               kernels: str | None = None, compile: bool = False, runtime: str | None = None,
+               **config_overrides: Any) -> FAIMFModel:
     """Load a focoos model directory, a `model_info.json`, or a zoo architecture by name.
 
     A zoo name without `weights` gives random weights and a warning (nothing is downloaded).
     `kernels` pins the backend of the model's fused ops ("auto", "reference", "triton", "cpp", "cuda",
     "sdpa"; see `FAIMFModel.set_kernels`); None follows `mf_kernels.use` / $MF_KERNELS / "auto".
+    `compile=True` is `runtime="compile"`: the forward runs `torch.compile`d with the fused kernels;
+    `runtime="onnxruntime"` exports it to ONNX and runs it with ONNX Runtime; `runtime="auto"` takes ONNX
+    Runtime on CPU where it is installed (its forward is the fastest there), else eager torch (see
+    `fai_mf.runtime`).
     `config_overrides` replace config fields (unknown names are an error).
     """
     if kernels is not None:
         mf_kernels.dispatch.validate_choice(kernels)
+    if compile and runtime not in (None, "compile"):
+        raise ValueError(f"compile=True asks for runtime 'compile', but runtime={runtime!r} was given")
+    runtime = "compile" if compile else runtime
+    if runtime is not None:
+        from .runtime import validate_runtime
+
+        validate_runtime(runtime)
     info: dict[str, Any] = {}
     classes = None
     path = Path(source)
@@ -194,4 +221,5 @@ def load_model(source: str | os.PathLike, weights: str | os.PathLike | None = No
         warnings.warn(message, stacklevel=2)
         logger.warning(message)
     model.eval().to(device)
-    return FAIMFModel(config, model, classes=classes, name=name, info=info).set_kernels(kernels)
+    loaded = FAIMFModel(config, model, classes=classes, name=name, info=info).set_kernels(kernels)
+    return loaded.set_runtime(runtime) if runtime is not None else loaded

@@ -4,6 +4,13 @@ peak memory, reference vs fused kernels side by side with an output-agreement ch
 Timing is device-synchronised: CUDA events on CUDA (optionally replaying a CUDA graph of the model),
 `time.perf_counter` around synchronised calls on CPU. The per-stage breakdown is measured in its own
 loop (a sync between stages); the FPS numbers come from loops without inner syncs.
+
+Runtimes (`runtimes=`, `--runtime torch compile onnxruntime`) run side by side in the same interleaved loop,
+same weights and image: `torch` (eager: reference and the chosen kernels), `compile` (torch.compile of both:
+`fai_mf.runtime.CompiledForward`; the first call's compile time is reported as `setup_s`, apart from the
+timings), `onnxruntime` (the reference path exported to ONNX, run by ONNX Runtime, then our post-processing
+with the chosen kernels). A compiled or ONNX forward is one opaque call, so only its post-processing stage
+is timed separately. Every run's outputs are checked against eager reference.
 """
 from __future__ import annotations
 
@@ -24,10 +31,43 @@ import torch
 
 import mf_kernels
 
+from .runtime import RUNTIMES, installed, make_runtime
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("backbone", "pixel_decoder", "transformer_decoder", "postprocess")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One profiled configuration: the kernels choice of the ops and the runtime of the forward."""
+
+    kernels: str
+    runtime: str = "torch"
+
+    @property
+    def label(self) -> str:
+        return self.kernels if self.runtime == "torch" else f"{self.runtime}:{self.kernels}"
+
+
+def variants_for(kernels: str, runtimes: tuple[str, ...], compare: bool) -> list[Variant]:
+    """Eager reference first (the agreement baseline), then `kernels` on each runtime; compile also runs
+    the reference (compiled reference vs compiled fused); ONNX Runtime runs the exported reference graph
+    with the `kernels` post-processing."""
+    out = []
+    for runtime in runtimes:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+        if runtime == "onnxruntime":
+            out.append(Variant(kernels, runtime))
+            continue
+        if compare and kernels != "reference":
+            out.append(Variant("reference", runtime))
+        out.append(Variant(kernels, runtime))
+    if compare and Variant("reference") not in out:
+        out.insert(0, Variant("reference"))
+    return list(dict.fromkeys(out))
 
 
 def git_sha() -> str | None:
@@ -92,6 +132,9 @@ class RunResult:
     peak_memory_kind: str
     cuda_graphs: bool = False
     kernel_choice: dict[str, str] = field(default_factory=dict)
+    runtime: str = "torch"
+    label: str = ""
+    setup_s: float | None = None  # compile / ONNX export + session time, apart from the timings
 
 
 def _peak_memory(device: torch.device) -> tuple[float, str]:
@@ -121,13 +164,17 @@ def _stage_fns(m, images: torch.Tensor, postprocess: Callable) -> list[tuple[str
             ("postprocess", post)]
 
 
-def run_interleaved(m, images: torch.Tensor, postprocess: Callable, choices: list[str], iters: int, warmup: int,
+def run_interleaved(m, images: torch.Tensor, postprocess: Callable, choices: list, iters: int, warmup: int,
                     cuda_graphs: bool) -> list[RunResult]:
-    """Profile `m` with each kernels choice on `images`, interleaving the choices iteration by iteration
-    so that a change of machine load hits them alike (medians of `iters` samples each)."""
+    """Profile `m` with each kernels choice (a str, or a `Variant` with its runtime) on `images`,
+    interleaving the choices iteration by iteration so that a change of machine load hits them alike
+    (medians of `iters` samples each)."""
     device = images.device
     timer = Timer(device)
-    stage_fns = _stage_fns(m, images, postprocess)
+    eager_stages = _stage_fns(m, images, postprocess)
+    variants = [c if isinstance(c, Variant) else Variant(c) for c in choices]
+    runtimes = {v: make_runtime(m, v.runtime) for v in variants}
+    setup: dict[Variant, float | None] = {}
 
     def model_only():
         return m.model.forward_raw(images)
@@ -138,41 +185,53 @@ def run_interleaved(m, images: torch.Tensor, postprocess: Callable, choices: lis
             return postprocess(raw.class_logits, raw.mask_logits)
         return run
 
-    samples = {c: {"stages": {name: [] for name in STAGES}, "model": [], "e2e": []} for c in choices}
-    forwards: dict[str, Callable] = {}
-    peaks: dict[str, tuple[float, str]] = {}
+    own_raw: dict[Variant, Any] = {}
+
+    def stages(v: Variant) -> list[tuple[str, Callable]]:
+        """A compiled / ONNX forward is one opaque call: only the post-processing of its output is a stage."""
+        if v.runtime == "torch":
+            return eager_stages
+        return [("postprocess", lambda: postprocess(own_raw[v].class_logits, own_raw[v].mask_logits))]
+
+    samples = {v: {"stages": {name: [] for name in STAGES}, "model": [], "e2e": []} for v in variants}
+    forwards: dict[Variant, Callable] = {}
+    peaks: dict[Variant, tuple[float, str]] = {}
     with torch.inference_mode():
-        for choice in choices:
-            m.set_kernels(choice)
-            with mf_kernels.use(choice):  # the staged loop calls sub-modules' methods directly
+        for v in variants:
+            m.set_kernels(v.kernels)
+            with mf_kernels.use(v.kernels), installed(m.model, runtimes[v]):  # stages call sub-modules directly
+                start = time.perf_counter()
+                own_raw[v] = model_only()  # compiles a compiled runtime: its setup time, apart from the warm-up
+                if v.runtime != "torch":
+                    setup[v] = time.perf_counter() - start + getattr(runtimes[v], "setup_seconds", 0.0)
                 for _ in range(warmup):
-                    for _, fn in stage_fns:
+                    for _, fn in stages(v):
                         fn()
                     end_to_end(model_only)()
                 timer.sync()
-                forwards[choice] = _capture_graph(m, images) if cuda_graphs else model_only
+                forwards[v] = _capture_graph(m, images) if cuda_graphs and v.runtime == "torch" else model_only
         for _ in range(iters):
-            for choice in choices:
-                m.set_kernels(choice)
-                with mf_kernels.use(choice):
+            for v in variants:
+                m.set_kernels(v.kernels)
+                with mf_kernels.use(v.kernels), installed(m.model, runtimes[v]):
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    for name, fn in stage_fns:
+                    for name, fn in stages(v):
                         timer.sync()
-                        samples[choice]["stages"][name].append(timer.time(fn)[0])
+                        samples[v]["stages"][name].append(timer.time(fn)[0])
                     # with CUDA graphs the captured forward replays the kernels chosen at capture time
-                    samples[choice]["model"].append(timer.time(forwards[choice])[0])
-                    samples[choice]["e2e"].append(timer.time(end_to_end(forwards[choice]))[0])
-                    peaks[choice] = _peak_memory(device)
+                    samples[v]["model"].append(timer.time(forwards[v])[0])
+                    samples[v]["e2e"].append(timer.time(end_to_end(forwards[v]))[0])
+                    peaks[v] = _peak_memory(device)
     batch = images.shape[0]
     results = []
-    for choice in choices:
-        model_ms, e2e_ms = statistics.median(samples[choice]["model"]), statistics.median(samples[choice]["e2e"])
+    for v in variants:
+        model_ms, e2e_ms = statistics.median(samples[v]["model"]), statistics.median(samples[v]["e2e"])
         results.append(RunResult(
-            kernels=choice, stage_ms={k: statistics.median(v) for k, v in samples[choice]["stages"].items()},
+            kernels=v.kernels, stage_ms={k: statistics.median(x) if x else None for k, x in samples[v]["stages"].items()},
             model_ms=model_ms, end_to_end_ms=e2e_ms, model_fps=batch * 1e3 / model_ms,
-            end_to_end_fps=batch * 1e3 / e2e_ms, peak_memory_mb=peaks[choice][0], peak_memory_kind=peaks[choice][1],
-            cuda_graphs=cuda_graphs))
+            end_to_end_fps=batch * 1e3 / e2e_ms, peak_memory_mb=peaks[v][0], peak_memory_kind=peaks[v][1],
+            cuda_graphs=cuda_graphs and v.runtime == "torch", runtime=v.runtime, label=v.label, setup_s=setup.get(v)))
     return results
 
 
@@ -289,8 +348,10 @@ def make_postprocess(m, image_size: tuple[int, int], threshold: float | None = N
 
 def profile(model: str, weights: str | None = None, resolution: int = 640, batch: int = 1, dtype: str = "fp32",
             kernels: str = "auto", iters: int = 10, warmup: int = 2, cuda_graphs: bool = False,
-            device: str | None = None, compare: bool = True, seed: int = 0, keep: int = 20) -> dict[str, Any]:
-    """Profile `model` with `reference` and with `kernels` on one synthetic image batch; returns a JSON-able dict."""
+            device: str | None = None, compare: bool = True, seed: int = 0, keep: int = 20,
+            runtimes: tuple[str, ...] = ("torch",)) -> dict[str, Any]:
+    """Profile `model` with `reference` and with `kernels` on one synthetic image batch, on each of
+    `runtimes` (see the module doc); returns a JSON-able dict."""
     from . import load_model
     from .demo import synthetic_image
     from .zoo import ZOO
@@ -320,18 +381,19 @@ def profile(model: str, weights: str | None = None, resolution: int = 640, batch
     postprocess = make_postprocess(m, (resolution, resolution), threshold=m.config.threshold)
 
     outputs = {}
-    choices = ["reference"] + ([kernels] if compare and kernels != "reference" else [])
-    if not compare:
-        choices = [kernels]
-    runs = run_interleaved(m, images, postprocess, choices, iters, warmup, cuda_graphs)
-    for run in runs:
+    variants = variants_for(kernels, tuple(runtimes), compare)
+    runs = run_interleaved(m, images, postprocess, variants, iters, warmup, cuda_graphs)
+    for run, variant in zip(runs, variants):
         m.set_kernels(run.kernels)
         reset_kernel_report()
-        with mf_kernels.use(run.kernels):
-            outputs[run.kernels] = _outputs(m, images, postprocess)
+        with mf_kernels.use(run.kernels), installed(m.model, make_runtime(m, variant.runtime)):
+            outputs[run.label] = _outputs(m, images, postprocess)
             run.kernel_choice = kernel_report()
-    agreement = compare_outputs(outputs["reference"], outputs[choices[-1]], (resolution, resolution)) \
-        if len(choices) > 1 else None
+    agreements = {run.label: asdict(compare_outputs(outputs["reference"], outputs[run.label], (resolution, resolution)))
+                  for run in runs[1:]} if compare else {}
+    agreement = None
+    if agreements:  # the last run's numbers, ok only when every run agrees
+        agreement = dict(list(agreements.values())[-1], ok=all(a["ok"] for a in agreements.values()))
     return {
         "model": model, "weights": weights, "resolution": resolution, "batch": batch, "dtype": dtype,
         "iters": iters, "warmup": warmup, "environment": environment(dev), "notes": notes,
@@ -339,7 +401,8 @@ def profile(model: str, weights: str | None = None, resolution: int = 640, batch
         "runs": [asdict(r) for r in runs],
         "speedup_end_to_end": runs[-1].end_to_end_fps / runs[0].end_to_end_fps,
         "speedup_model": runs[-1].model_fps / runs[0].model_fps,
-        "agreement": asdict(agreement) if agreement else None,
+        "agreement": agreement,
+        "agreements": agreements,
     }
 
 
@@ -355,29 +418,38 @@ def reset_kernel_report() -> None:
 
 def format_table(report: dict[str, Any]) -> str:
     runs = report["runs"]
-    header = f"{'stage / metric':<28}" + "".join(f"{r['kernels']:>14}" for r in runs)
+    width = max(14, *(len(r.get("label") or r["kernels"]) + 2 for r in runs))
+    header = f"{'stage / metric':<28}" + "".join(f"{r.get('label') or r['kernels']:>{width}}" for r in runs)
     lines = [f"{report['model']} @ {report['resolution']}x{report['resolution']}, batch {report['batch']}, "
              f"{report['dtype']}, {report['environment']['device']}, torch {report['environment']['torch']}",
              header, "-" * len(header)]
     for stage in STAGES:
-        lines.append(f"{stage + ' (ms)':<28}" + "".join(f"{r['stage_ms'][stage]:>14.2f}" for r in runs))
+        lines.append(f"{stage + ' (ms)':<28}" + "".join(_cell(r["stage_ms"][stage], width, ".2f") for r in runs))
     for key, label, fmt in (("model_ms", "model only (ms)", ".2f"), ("end_to_end_ms", "end to end (ms)", ".2f"),
                             ("model_fps", "model FPS", ".2f"), ("end_to_end_fps", "end-to-end FPS", ".2f"),
-                            ("peak_memory_mb", "peak memory (MB)", ".0f")):
-        lines.append(f"{label:<28}" + "".join(f"{r[key]:>14{fmt}}" for r in runs))
+                            ("peak_memory_mb", "peak memory (MB)", ".0f"), ("setup_s", "compile / export (s)", ".1f")):
+        lines.append(f"{label:<28}" + "".join(_cell(r.get(key), width, fmt) for r in runs))
     if len(runs) > 1:
         lines.append(f"speed-up {runs[-1]['kernels']} vs reference: end to end {report['speedup_end_to_end']:.2f}x, "
                      f"model {report['speedup_model']:.2f}x")
-    if report["agreement"]:
-        a = report["agreement"]
-        lines.append(f"outputs agree: {'YES' if a['ok'] else 'NO'} (detections {a['detections_reference']} vs "
-                     f"{a['detections_fused']}, same classes {a['same_classes']}, min mask IoU {a['min_mask_iou']:.4f}, "
-                     f"max |dscore| {a['max_score_diff']:.2e}, max |dmask logit| {a['mask_logits_max_abs']:.2e})")
+    agreements = report.get("agreements") or ({"": report["agreement"]} if report["agreement"] else {})
+    if len(agreements) == 1:  # reference vs one choice: no label needed
+        agreements = {"": next(iter(agreements.values()))}
+    for label, a in agreements.items():
+        lines.append(f"outputs agree{' (' + label + ')' if label else ''}: {'YES' if a['ok'] else 'NO'} (detections "
+                     f"{a['detections_reference']} vs {a['detections_fused']}, same classes {a['same_classes']}, min mask "
+                     f"IoU {a['min_mask_iou']:.4f}, max |dscore| {a['max_score_diff']:.2e}, max |dmask logit| "
+                     f"{a['mask_logits_max_abs']:.2e})")
     for r in runs:
         if r["kernel_choice"]:
-            lines.append(f"{r['kernels']}: " + ", ".join(f"{op}={b}" for op, b in r["kernel_choice"].items()))
+            lines.append(f"{r.get('label') or r['kernels']}: "
+                         + ", ".join(f"{op}={b}" for op, b in r["kernel_choice"].items()))
     lines += [f"note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int, fmt: str) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
 
 
 def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
@@ -389,11 +461,15 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
 
     runs = report["runs"]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    names = [r["kernels"] for r in runs]
+    names = [r.get("label") or r["kernels"] for r in runs]
     bottoms = [0.0] * len(runs)
-    colors = ["#4C72B0", "#55A868", "#C44E52", "#8172B2"]
-    for stage, color in zip(STAGES, colors):
-        values = [r["stage_ms"][stage] for r in runs]
+    colors = ["#4C72B0", "#55A868", "#C44E52", "#8172B2", "#937860"]
+    # a compiled / ONNX forward is one opaque call: its bar is "whole forward" + post-processing
+    whole = [r["model_ms"] if r["stage_ms"]["backbone"] is None else 0.0 for r in runs]
+    for stage, color in zip(("whole forward",) + STAGES, colors[-1:] + colors[:-1]):
+        values = whole if stage == "whole forward" else [r["stage_ms"][stage] or 0.0 for r in runs]
+        if stage == "whole forward" and not any(whole):
+            continue
         ax.bar(names, values, bottom=bottoms, label=stage.replace("_", " "), color=color, width=0.55)
         bottoms = [b + v for b, v in zip(bottoms, values)]
     for i, r in enumerate(runs):
@@ -403,7 +479,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_title(f"{report['model']} {report['resolution']}² b{report['batch']} {report['dtype']} on {env.get('gpu', env['device'])}",
                  fontsize=10)
     ax.set_ylim(0, max(bottoms) * 1.12)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4, fontsize=8, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=5, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

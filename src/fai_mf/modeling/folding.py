@@ -24,8 +24,10 @@ def cached_on(module: nn.Module, attr: str, tensors: tuple[torch.Tensor, ...], e
               compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """`compute()` cached in `module.__dict__[attr]` (outside the state_dict), recomputed when one of
     `tensors` changes: load_state_dict, .to() and in-place updates bump the version or move the storage."""
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (eps,)
     cached = module.__dict__.get(attr)
+    if torch.compiler.is_compiling():  # traced tensors have no data pointers: an eager forward filled the cache
+        return (cached[1], cached[2]) if cached is not None else compute()
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (eps,)
     if cached is None or cached[0] != key:
         cached = (key, *compute())
         module.__dict__[attr] = cached

@@ -13,6 +13,9 @@ from .pixel_decoder import PixelDecoder
 from .transformer_decoder import LayerPrediction, MultiScaleMaskedTransformerDecoder
 
 
+RUNTIME_ATTR = "_fai_mf_runtime"  # set by fai_mf.runtime: a callable images -> RawOutput (outside the state_dict)
+
+
 @dataclass
 class RawOutput:
     """Raw head output of the last decoder layer (and the earlier ones as `aux` when training)."""
@@ -86,7 +89,14 @@ class FAIMaskFormer(nn.Module):
         return self.head.predictor(multi_scale, mask_features, intermediate=intermediate)
 
     def forward_raw(self, images: torch.Tensor) -> RawOutput:
-        """Raw head output: class_logits [B, Q, C+1], mask_logits [B, Q, ceil(H/4), ceil(W/4)]."""
+        """Raw head output: class_logits [B, Q, C+1], mask_logits [B, Q, ceil(H/4), ceil(W/4)].
+
+        In eval mode this runs the runtime installed by `fai_mf.runtime` (torch.compile, ONNX Runtime)
+        when there is one; what it traces or exports is this eager body."""
+        if not torch.compiler.is_compiling() and not self.training:
+            runtime = self.__dict__.get(RUNTIME_ATTR)
+            if runtime is not None:
+                return runtime(images)
         predictions = self.forward_predictions(images, intermediate=self.training)
         last = predictions[-1]
         aux = predictions[:-1] if self.training else []
