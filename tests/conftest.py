@@ -83,7 +83,7 @@ def requires(module: str) -> pytest.MarkDecorator:
 def tiny_config(**overrides) -> fai_mf.MaskFormerConfig:
     """A small but complete FAI-MF config (STDC backbone, 2 decoder layers) for fast CPU tests."""
     base = dict(
-        num_classes=3, backbone_config={"model_type": "stdc", "layers": [1, 1, 1]},
+        num_classes=3, backbone_config={"model_type": "stdc", "layers": [2, 2, 2], "base": 16},
         pixel_decoder_feat_dim=32, pixel_decoder_out_dim=32, head_out_dim=32,
         transformer_predictor_hidden_dim=64, transformer_predictor_dec_layers=2,
         transformer_predictor_dim_feedforward=64, num_queries=10,

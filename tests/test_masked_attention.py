@@ -172,7 +172,7 @@ def test_plan_splits_keys_and_never_materialises_scores(shape, arch: int):
 def tiny_attention_model() -> fai_mf.FAIMFModel:
     torch.manual_seed(0)
     cfg = fai_mf.MaskFormerConfig(
-        num_classes=3, backbone_config={"model_type": "stdc", "layers": [1, 1, 1]}, pixel_decoder_feat_dim=32,
+        num_classes=3, backbone_config={"model_type": "stdc", "layers": [2, 2, 2], "base": 16}, pixel_decoder_feat_dim=32,
         pixel_decoder_out_dim=32, head_out_dim=32, transformer_predictor_hidden_dim=256,
         transformer_predictor_dec_layers=2, transformer_predictor_dim_feedforward=64, num_queries=7)
     return fai_mf.FAIMFModel(cfg, fai_mf.FAIMaskFormer(cfg).eval(), name="tiny-attention")

@@ -16,7 +16,7 @@ from mf_kernels.postprocess.reference import upsample_probs
 
 def tiny_config(**overrides) -> fai_mf.MaskFormerConfig:
     return fai_mf.MaskFormerConfig(
-        num_classes=3, backbone_config={"model_type": "stdc", "layers": [1, 1, 1]}, pixel_decoder_feat_dim=32,
+        num_classes=3, backbone_config={"model_type": "stdc", "layers": [2, 2, 2], "base": 16}, pixel_decoder_feat_dim=32,
         pixel_decoder_out_dim=32, head_out_dim=32, transformer_predictor_hidden_dim=64,
         transformer_predictor_dec_layers=2, transformer_predictor_dim_feedforward=64, num_queries=10, **overrides)
 
